@@ -1,0 +1,107 @@
+"""`Adapter`: one kernel's low-rank factors, with their scale and layout as static data.
+
+The adapters of a model are a plain ``dict`` ``{kernel path: Adapter}``. Each
+``Adapter`` is a pytree whose leaves are exactly its trainable arrays (``a``, ``b``
+and, for DoRA, ``magnitude``); rank, alpha, scale, policy, layout and variant are
+static metadata. So ``jax.grad``, optax and checkpointing see only the factors, and
+``merge``, the factored transform, save and export read the scale from the adapter
+itself: nothing can apply the wrong one.
+
+Example:
+  >>> import jax.numpy as jnp, jax
+  >>> from jlora.adapter import Adapter
+  >>> from jlora.layouts import Layout
+  >>> ad = Adapter(a=jnp.ones((4, 2)), b=jnp.ones((2, 3)), layout=Layout("io"),
+  ...              rank=2, alpha=2.0, scale=1.0, policy="standard")
+  >>> [x.shape for x in jax.tree.leaves(ad)]
+  [(4, 2), (2, 3)]
+  >>> ad.delta().shape
+  (4, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora.layouts import Layout
+
+__all__ = ["Adapter", "Adapters", "is_adapter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """Low-rank factors of one kernel: ``delta = scale * A @ B`` in the kernel's layout.
+
+    Attributes:
+      a: ``(*stacked, *fan_in, rank)``.
+      b: ``(*stacked, rank, *fan_out)``.
+      magnitude: DoRA's per-output-feature magnitude ``(*stacked, *fan_out)``, else None.
+      layout: the kernel's :class:`~jlora.layouts.Layout`.
+      rank, alpha: the values this kernel was created with.
+      scale: the policy applied to ``(rank, alpha)``; static, never trained.
+      policy: ``"standard"``, ``"rslora"`` or ``"custom"`` (a callable; its value is kept
+        here per kernel).
+      variant: ``"lora"`` or ``"dora"``.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    magnitude: jax.Array | None = None
+    layout: Layout = dataclasses.field(default=Layout("io"), metadata={"static": True})
+    rank: int = dataclasses.field(default=1, metadata={"static": True})
+    alpha: float = dataclasses.field(default=1.0, metadata={"static": True})
+    scale: float = dataclasses.field(default=1.0, metadata={"static": True})
+    policy: str = dataclasses.field(default="standard", metadata={"static": True})
+    variant: str = dataclasses.field(default="lora", metadata={"static": True})
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the kernel these factors adapt."""
+        ns = self.layout.num_stacked
+        fan_in = tuple(self.a.shape[ns:-1])
+        fan_out = tuple(self.b.shape[ns + 1 :])
+        shape = list(self.a.shape[:ns])
+        fi, fo = iter(fan_in), iter(fan_out)
+        for role in self.layout.axes[ns:]:
+            shape.append(next(fi) if role in "wiv" else next(fo))
+        return tuple(shape)
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameter count of this adapter."""
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self))
+
+    def product(self, dtype=jnp.float32) -> jax.Array:
+        """``A @ B`` in the kernel's shape, unscaled, accumulated in float32."""
+        return self.layout.product(self.a, self.b, dtype)
+
+    def delta(self, dtype=jnp.float32) -> jax.Array:
+        """``scale * A @ B`` in the kernel's shape (the LoRA update, without DoRA's norm)."""
+        return self.scale * self.product(dtype)
+
+    def replace(self, **changes) -> Adapter:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    Adapter,
+    data_fields=["a", "b", "magnitude"],
+    meta_fields=["layout", "rank", "alpha", "scale", "policy", "variant"],
+)
+
+Adapters = dict  # {kernel path: Adapter}
+
+
+def is_adapter(x) -> bool:
+    """``True`` for an :class:`Adapter` (useful as ``is_leaf`` in tree maps).
+
+    Example:
+      >>> is_adapter(1.0)
+      False
+    """
+    return isinstance(x, Adapter)

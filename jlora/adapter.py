@@ -46,6 +46,7 @@ class Adapter:
       policy: ``"standard"``, ``"rslora"`` or ``"custom"`` (a callable; its value is kept
         here per kernel).
       variant: ``"lora"`` or ``"dora"``.
+      dropout: PEFT's ``lora_dropout`` rate on the adapter branch's input (factored path).
     """
 
     a: jax.Array
@@ -57,6 +58,7 @@ class Adapter:
     scale: float = dataclasses.field(default=1.0, metadata={"static": True})
     policy: str = dataclasses.field(default="standard", metadata={"static": True})
     variant: str = dataclasses.field(default="lora", metadata={"static": True})
+    dropout: float = dataclasses.field(default=0.0, metadata={"static": True})
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -91,7 +93,7 @@ class Adapter:
 jax.tree_util.register_dataclass(
     Adapter,
     data_fields=["a", "b", "magnitude"],
-    meta_fields=["layout", "rank", "alpha", "scale", "policy", "variant"],
+    meta_fields=["layout", "rank", "alpha", "scale", "policy", "variant", "dropout"],
 )
 
 Adapters = dict  # {kernel path: Adapter}

@@ -157,6 +157,7 @@ def init(key: jax.Array, params, config: LoraConfig) -> Adapters:
         adapters[path] = Adapter(
             a=a, b=b, layout=p["layout"], rank=p["rank"], alpha=p["alpha"],
             scale=p["scale"], policy=config.policy_name, variant=config.variant,
+            dropout=float(config.dropout),
         )
     if config.variant == "dora":
         from jlora import variants  # DoRA's magnitude needs the base weights.

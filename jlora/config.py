@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
@@ -135,7 +136,8 @@ class LoraConfig:
             dtype = np.dtype(self.dtype)
         except TypeError:
             dtype = None
-        if dtype is None or not np.issubdtype(dtype, np.floating):
+        # jnp.issubdtype knows bfloat16 and the other ml_dtypes floats; numpy does not.
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
                 f"`dtype` must be a floating dtype such as float32 or bfloat16, got {self.dtype!r}."
             )

@@ -8,13 +8,16 @@ Pure and jittable; the params tree keeps its structure and every other leaf.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from jlora import paths as paths_lib
 from jlora.adapter import Adapter, Adapters
+from jlora.layouts import Layout
 
-__all__ = ["check_adapters_fit", "delta", "merge", "unmerge"]
+__all__ = ["check_adapters_fit", "delta", "merge", "safe_merge", "unmerge"]
 
 
 def check_adapters_fit(params, adapters: Adapters) -> dict:
@@ -69,13 +72,65 @@ def delta(adapters: Adapters) -> dict:
     return {path: adapter.delta() for path, adapter in adapters.items()}
 
 
-def _merged_kernel(kernel: jax.Array, adapter: Adapter) -> jax.Array:
+# Largest float32 update formed at once. Bigger kernels (or stacks of them) are updated
+# in place, one slice at a time, so a donated merge never holds a second copy of a big
+# kernel (or a float32 copy of a bf16 one) as a temporary.
+MAX_UPDATE_BYTES = 16 * 2**20
+
+
+def _rows_per_slice(fan_in: int, fan_out: int) -> int:
+    """The largest divisor of ``fan_in`` whose ``rows x fan_out`` float32 update fits."""
+    limit = max(1, MAX_UPDATE_BYTES // (4 * fan_out))
+    return max(d for d in range(1, min(fan_in, limit) + 1) if fan_in % d == 0)
+
+
+def _updated_kernel(kernel: jax.Array, adapter: Adapter, sign: float) -> jax.Array:
+    """``W ± s·A@B`` (or DoRA's merge) of one kernel, computed in float32."""
     if adapter.variant == "dora":
         from jlora import variants
 
         return variants.dora_merged_kernel(kernel, adapter)
-    merged = kernel.astype(jnp.float32) + adapter.delta()
-    return merged.astype(kernel.dtype)
+    return (kernel.astype(jnp.float32) + sign * adapter.delta()).astype(kernel.dtype)
+
+
+def _updated_in_slices(kernel: jax.Array, adapter: Adapter, sign: float) -> jax.Array:
+    """The same update, written into ``kernel`` one (layer, row-block) slice at a time.
+
+    Every layout is ``(*stacked, *fan_in, *fan_out)`` in that order, so the kernel is a
+    ``(layers, fan_in, fan_out)`` array; each slice is a block of fan-in rows of one
+    layer (a whole layer for DoRA, whose norm spans the fan-in).
+    """
+    lay = adapter.layout
+    layers = math.prod(kernel.shape[: lay.num_stacked])
+    fan_in = math.prod(kernel.shape[i] for i in lay.fan_in_axes)
+    fan_out = math.prod(kernel.shape[i] for i in lay.fan_out_axes)
+    rows = fan_in if adapter.variant == "dora" else _rows_per_slice(fan_in, fan_out)
+    blocks = fan_in // rows
+    if layers * blocks == 1:
+        return _updated_kernel(kernel, adapter, sign)
+    rank = adapter.rank
+    w = kernel.reshape(layers * blocks, rows, fan_out)
+    a = adapter.a.reshape(layers * blocks, rows, rank)
+    b = adapter.b.reshape(layers, rank, fan_out)
+    m = None
+    if adapter.magnitude is not None:
+        m = adapter.magnitude.reshape(layers, fan_out)
+    flat = adapter.replace(layout=Layout("io"))
+
+    def body(i, w):
+        layer = i // blocks
+        piece = flat.replace(a=a[i], b=b[layer], magnitude=None if m is None else m[layer])
+        return w.at[i].set(_updated_kernel(w[i], piece, sign))
+
+    return jax.lax.fori_loop(0, layers * blocks, body, w).reshape(kernel.shape)
+
+
+def _apply_updates(params, adapters: Adapters, sign: float):
+    check_adapters_fit(params, adapters)
+    return paths_lib.tree_map_with_path(
+        lambda path, w: _updated_in_slices(w, adapters[path], sign) if path in adapters else w,
+        params,
+    )
 
 
 def merge(params, adapters: Adapters):
@@ -89,10 +144,7 @@ def merge(params, adapters: Adapters):
       >>> bool((merged["dense"]["kernel"] == 0).all())
       True
     """
-    check_adapters_fit(params, adapters)
-    return paths_lib.tree_map_with_path(
-        lambda path, w: _merged_kernel(w, adapters[path]) if path in adapters else w, params
-    )
+    return _apply_updates(params, adapters, +1.0)
 
 
 def unmerge(params, adapters: Adapters):
@@ -110,17 +162,51 @@ def unmerge(params, adapters: Adapters):
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
       True
     """
-    check_adapters_fit(params, adapters)
     for path, adapter in adapters.items():
-        if adapter.variant == "dora":
+        if isinstance(adapter, Adapter) and adapter.variant == "dora":
             raise ValueError(
                 f"Cannot unmerge the DoRA adapter at path {path!r}: the merged kernel "
                 "m·V/‖V‖ no longer holds ‖V‖. Keep the original params to undo a DoRA merge."
             )
+    return _apply_updates(params, adapters, -1.0)
 
-    def sub(path, w):
-        if path not in adapters:
-            return w
-        return (w.astype(jnp.float32) - adapters[path].delta()).astype(w.dtype)
 
-    return paths_lib.tree_map_with_path(sub, params)
+def safe_merge(params, adapters: Adapters):
+    """:func:`merge`, refusing to return non-finite weights.
+
+    Checks every merged kernel on the host and raises ``FloatingPointError`` naming the
+    kernel, how many entries are not finite, and whether the base kernel or the adapter
+    was already non-finite (a bf16/fp16 kernel can also overflow when the update is
+    added). Not jittable, since it inspects values: call it outside ``jit``, e.g. before
+    saving or exporting merged weights.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"d": {"kernel": jnp.full((2, 2), 60000.0, jnp.float16)}}
+      >>> ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=1))
+      >>> ads = {"d/kernel": ads["d/kernel"].replace(b=jnp.full((1, 2), 1e4))}
+      >>> jlora.safe_merge(params, ads)
+      Traceback (most recent call last):
+      ...
+      FloatingPointError: Merging the adapter at path 'd/kernel' ...
+    """
+    merged = merge(params, adapters)
+    base = paths_lib.select(params, ".*", allow_empty=True)
+    flat = paths_lib.select(merged, ".*", allow_empty=True)
+    for path, adapter in adapters.items():
+        bad = int(jnp.size(flat[path]) - jnp.sum(jnp.isfinite(flat[path])))
+        if not bad:
+            continue
+        if not bool(jnp.isfinite(base[path]).all()):
+            cause = "the base kernel was already non-finite"
+        elif not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(adapter)):
+            cause = "the adapter's factors are non-finite"
+        else:
+            cause = (f"W + s·A@B overflows {jnp.dtype(flat[path].dtype).name} "
+                     f"(scale {adapter.scale:g})")
+        raise FloatingPointError(
+            f"Merging the adapter at path {path!r} gives {bad} non-finite value(s) in a kernel "
+            f"of shape {tuple(flat[path].shape)}: {cause}. Expected finite merged weights; "
+            "nothing was returned."
+        )
+    return merged

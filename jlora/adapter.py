@@ -77,6 +77,34 @@ class Adapter:
         """Trainable parameter count of this adapter."""
         return sum(math.prod(x.shape) for x in jax.tree.leaves(self))
 
+    def validate(self, path: str = "<adapter>") -> None:
+        """Check the factors agree with each other, the rank and the layout.
+
+        Raises ``ValueError`` naming ``path`` and the shapes (e.g. stacked axes of ``a``
+        and ``b`` that disagree, as when factors from two models are mixed).
+        """
+        lay, ns = self.layout, self.layout.num_stacked
+        n_in, n_out = len(lay.fan_in_axes), len(lay.fan_out_axes)
+        a_shape, b_shape = tuple(self.a.shape), tuple(self.b.shape)
+        problem = None
+        if len(a_shape) != ns + n_in + 1 or len(b_shape) != ns + 1 + n_out:
+            problem = (f"layout {lay.axes!r} needs `a` with {ns + n_in + 1} axes and `b` with "
+                       f"{ns + 1 + n_out}")
+        elif a_shape[:ns] != b_shape[:ns]:
+            problem = f"the stacked axes of `a` {a_shape[:ns]} and `b` {b_shape[:ns]} disagree"
+        elif not a_shape[-1] == b_shape[ns] == self.rank:
+            problem = (f"the rank axes of `a` ({a_shape[-1]}) and `b` ({b_shape[ns]}) must both "
+                       f"equal rank {self.rank}")
+        elif self.magnitude is not None and tuple(self.magnitude.shape) != (
+                b_shape[:ns] + b_shape[ns + 1:]):
+            problem = (f"`magnitude` has shape {tuple(self.magnitude.shape)}, expected "
+                       f"{b_shape[:ns] + b_shape[ns + 1:]} (stacked + fan-out axes)")
+        if problem:
+            raise ValueError(
+                f"The adapter at path {path!r} is inconsistent: {problem} (a: {a_shape}, "
+                f"b: {b_shape})."
+            )
+
     def product(self, dtype=jnp.float32) -> jax.Array:
         """``A @ B`` in the kernel's shape, unscaled, accumulated in float32."""
         return self.layout.product(self.a, self.b, dtype)

@@ -44,6 +44,7 @@ def check_adapters_fit(params, adapters: Adapters) -> dict:
             raise TypeError(
                 f"`adapters[{path!r}]` must be a jlora Adapter, got {type(adapter).__name__}."
             )
+        adapter.validate(path)
         if path not in flat:
             near = ", ".join(repr(p) for p in paths_lib.nearest_paths(path, flat, n=3))
             raise ValueError(

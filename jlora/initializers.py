@@ -148,12 +148,21 @@ def init(key: jax.Array, params, config: LoraConfig) -> Adapters:
             a, b = _default_factors(
                 k, p["shape"], p["layout"], p["rank"], dtype, config.init == "gaussian"
             )
+        elif config.init == "orthogonal":
+            from jlora.variants import orthogonal_factors
+
+            a, b = orthogonal_factors(k, p["shape"], p["layout"], p["rank"], dtype)
         else:
-            raise ValueError(
-                f"`init={config.init!r}` changes the frozen base weights or needs data, so it "
-                f"cannot run in jlora.init: use jlora.variants.{config.init}_init(...), which "
-                "returns the new base and the adapters."
+            what = (
+                "needs layer inputs, so it cannot run in jlora.init: use "
+                "jlora.variants.eva_init(key, params, config, inputs), which returns the adapters"
+                if config.init == "eva" else
+                "changes the frozen base weights, so it cannot run in jlora.init: use "
+                f"jlora.variants.{config.init}_init(key, params, config"
+                + (", inputs)" if config.init == "corda" else ")")
+                + ", which returns (new_params, adapters)"
             )
+            raise ValueError(f"`init={config.init!r}` {what}.")
         adapters[path] = Adapter(
             a=a, b=b, layout=p["layout"], rank=p["rank"], alpha=p["alpha"],
             scale=p["scale"], policy=config.policy_name, variant=config.variant,

@@ -1,0 +1,556 @@
+"""Make the PEFT fixtures tests/test_peft.py compares against, and check jlora's export
+with PEFT itself.
+
+Run by hand, never in CI: it needs torch==2.13.0 and peft, which are not jlora's
+requirements. From the repository root::
+
+  python3 -m venv /work/peftenv
+  /work/peftenv/bin/pip install torch==2.13.0 peft safetensors numpy
+  /work/peftenv/bin/python scripts/make_peft_fixtures.py                 # writes the fixtures
+  /work/peftenv/bin/python scripts/make_peft_fixtures.py --check-export \\
+      --jlora-python .venv/bin/python                                     # jlora -> PEFT
+
+Default mode: for every case below, build a small torch model, add a PEFT LoRA adapter
+with non-zero factors (and DoRA magnitudes), and write ``tests/fixtures/peft/<case>/``:
+
+  adapter/           what PEFT's save_pretrained wrote (adapter_config.json,
+                     adapter_model.safetensors)
+  torch.safetensors  torch layout: base/<param>, merged/<param> (PEFT's merge_and_unload),
+                     x/<input>, y/<output> (PEFT's unmerged forward, eval mode)
+  flax.safetensors   the same in flax layout, keyed by flax path: base/params/fc1/kernel,
+                     merged/..., x/... (images NHWC), y/...
+  case.json          the layouts and torch -> flax module mapping the tests need
+
+``--check-export`` runs jlora (``--jlora-python``, in a subprocess, with this script's
+``--jlora-side`` mode) to make adapters for each case's flax params and export them with
+``jlora.peft.save``; then loads each directory with ``PeftModel.from_pretrained`` onto
+the torch base model and compares, against jlora's own numbers: PEFT's per-module
+scale, PEFT's forward output (against the torch model carrying jlora's merged weights)
+and PEFT's merged weights. It exits non-zero if any differs by more than 1e-5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import safetensors.numpy
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "peft"
+TOL = 1e-5
+
+# -- the cases: torch module <-> flax path, the PEFT config, the inputs -------------------
+#
+# kind: "linear" (flax kernel = weight.T, optionally reshaped to a DenseGeneral shape),
+# "conv" (kernel = weight.permute(2, 3, 1, 0)), "embedding" (embedding = weight).
+# "stack": n means torch modules name.format(0..n-1) stack into one flax kernel.
+
+MLP = [
+    {"torch": "fc1", "flax": "params/fc1", "kind": "linear"},
+    {"torch": "fc2", "flax": "params/fc2", "kind": "linear"},
+]
+BLOCKS = [
+    {"torch": f"blocks.{i}.{m}", "flax": f"params/blocks/{i}/{m}", "kind": "linear"}
+    for i in range(2) for m in ("q", "v")
+]
+CONV = [
+    {"torch": "conv1", "flax": "params/conv1", "kind": "conv"},
+    {"torch": "conv2", "flax": "params/conv2", "kind": "conv"},
+]
+EMBED = [
+    {"torch": "emb", "flax": "params/emb", "kind": "embedding"},
+    {"torch": "fc", "flax": "params/fc", "kind": "linear"},
+]
+DORA = EMBED + [{"torch": "conv", "flax": "params/conv", "kind": "conv"}]
+STACKED = [{"torch": "layers.{}.proj", "flax": "params/layers/proj", "kind": "linear", "stack": 3}]
+
+CASES = {
+    "linear": dict(
+        model="mlp", modules=MLP,
+        peft=dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]),
+    ),
+    "rslora": dict(
+        model="mlp", modules=MLP,
+        peft=dict(r=4, lora_alpha=3, use_rslora=True, target_modules=["fc1", "fc2"],
+                  rank_pattern={"fc2": 2}, alpha_pattern={"fc1": 5}),
+    ),
+    # The first matching key wins (in the file's order, which PEFT sorts), keys match a
+    # suffix after a dot, keys are regexes: blocks.1.q -> r 1 (not 2), blocks.0.q -> r 2,
+    # v -> r 4 by regex; blocks.0.v -> alpha 2.5 (the general "[a-z]+\.0\.v" sorts before
+    # the specific "blocks.0.v" and wins), blocks.1.q -> alpha 1.5, blocks.1.v -> alpha 6.
+    "patterns": dict(
+        model="blocks", modules=BLOCKS,
+        peft=dict(r=3, lora_alpha=6, target_modules=["q", "v"],
+                  rank_pattern={"blocks.1.q": 1, "q": 2, r"blocks\.\d\.v": 4},
+                  alpha_pattern={r"[a-z]+\.0\.v": 2.5, "blocks.0.v": 9,
+                                 r"blocks\.1\.q": 1.5}),
+    ),
+    "conv": dict(
+        model="conv", modules=CONV,
+        peft=dict(r=2, lora_alpha=3, target_modules=["conv1", "conv2"]),
+    ),
+    "embedding": dict(
+        model="embed", modules=EMBED,
+        peft=dict(r=2, lora_alpha=2, target_modules=["emb", "fc"]),
+    ),
+    "dora": dict(
+        model="dora", modules=DORA,
+        peft=dict(r=2, lora_alpha=4, use_dora=True, target_modules=["emb", "fc", "conv"]),
+    ),
+    "stacked": dict(
+        model="stacked", modules=STACKED, layouts={"params/layers/proj/kernel": "s..."},
+        peft=dict(r=2, lora_alpha=3, target_modules=["proj"]),
+    ),
+}
+
+# jlora -> PEFT: which fixture's base model, how its flax params are laid out, and the
+# LoraConfig(s) jlora makes adapters with ("scaling": "custom" is a callable below).
+EXPORTS = {
+    "linear": dict(base="linear", configs=[dict(rank=2, alpha=4.0)]),
+    "rslora": dict(base="rslora", configs=[dict(
+        rank=4, alpha=3.0, use_rslora=True, rank_pattern={"params/fc2/kernel": 2},
+        alpha_pattern={"params/fc1/kernel": 5.0})]),
+    "custom_scaling": dict(base="linear", configs=[dict(
+        rank=2, alpha=3.0, scaling="custom", alpha_pattern={"params/fc2/kernel": 7.0})]),
+    "mixed_policies": dict(base="linear", configs=[
+        dict(rank=2, alpha=4.0, targets="params/fc1/kernel"),
+        dict(rank=3, alpha=2.0, use_rslora=True, targets="params/fc2/kernel")]),
+    "dense_general": dict(
+        base="linear", reshape={"params/fc1/kernel": (8, 2, 3), "params/fc2/kernel": (2, 3, 4)},
+        configs=[dict(rank=2, alpha=4.0, layouts={"params/fc1/kernel": "ioo",
+                                                  "params/fc2/kernel": "iio"})]),
+    "patterns": dict(base="patterns", configs=[dict(
+        rank=3, alpha=6.0, targets=".*/(q|v)/kernel",
+        rank_pattern={"params/blocks/1/q/kernel": 1, ".*/q/kernel": 2, ".*/v/kernel": 4},
+        alpha_pattern={".*/v/kernel": 2.5})]),
+    "conv": dict(base="conv", configs=[dict(rank=2, alpha=3.0)]),
+    "embedding": dict(base="embedding", configs=[dict(
+        rank=2, alpha=2.0, targets="params/(emb/embedding|fc/kernel)")]),
+    "dora": dict(base="dora", configs=[dict(
+        rank=2, alpha=4.0, variant="dora",
+        targets="params/(emb/embedding|fc/kernel|conv/kernel)")]),
+    "dora_rslora": dict(base="dora", configs=[dict(
+        rank=2, alpha=1.5, use_rslora=True, variant="dora", targets=".*/(fc|conv)/kernel")]),
+    "stacked": dict(base="stacked", configs=[dict(
+        rank=2, alpha=3.0, targets="params/layers/proj/kernel",
+        layouts={"params/layers/proj/kernel": "s..."})]),
+}
+
+
+# -- torch side ---------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (torch 2.13: PEFT's from_pretrained needs it)
+
+    return torch
+
+
+def build_model(kind: str):
+    torch = _torch()
+    nn = torch.nn
+    torch.manual_seed(0)
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return {"y": self.fc2(torch.tanh(self.fc1(x)))}
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for blk in self.blocks:
+                x = x + blk.v(torch.tanh(blk.q(x)))
+            return {"y": x}
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1)
+
+        def forward(self, image):
+            return {"y": self.conv2(torch.tanh(self.conv1(image)))}
+
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 3)
+
+        def forward(self, ids):
+            return {"y": self.fc(self.emb(ids))}
+
+    class Dora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(10, 6), nn.Linear(6, 4)
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, ids, image):
+            return {"tokens": self.fc(self.emb(ids)), "image": self.conv(image)}
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(5, 5)
+
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer() for _ in range(3)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer.proj(x))
+            return {"y": x}
+
+    return {"mlp": MLP, "blocks": Blocks, "conv": Conv, "embed": Embed, "dora": Dora,
+            "stacked": Stacked}[kind]()
+
+
+def make_inputs(kind: str) -> dict:
+    torch = _torch()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 10, (2, 4), generator=g)
+    image = torch.randn(2, 3, 5, 5, generator=g)
+    return {
+        "mlp": {"x": torch.randn(5, 8, generator=g)},
+        "blocks": {"x": torch.randn(4, 6, generator=g)},
+        "conv": {"image": image},
+        "embed": {"ids": ids},
+        "dora": {"ids": ids, "image": image},
+        "stacked": {"x": torch.randn(4, 5, generator=g)},
+    }[kind]
+
+
+def to_numpy(tensors) -> dict:
+    # Copy: .numpy() shares memory, and merge_and_unload later changes the weights in place.
+    return {k: np.array(v.detach().cpu().numpy(), copy=True) for k, v in tensors.items()}
+
+
+# -- layout conversion (numpy; used by both sides) ----------------------------------------
+
+
+def _expand_modules(modules):
+    """(torch module, flax module path, kind, stack index or None) for every torch module."""
+    for m in modules:
+        if "stack" in m:
+            for i in range(m["stack"]):
+                yield m["torch"].format(i), m["flax"], m["kind"], i
+        else:
+            yield m["torch"], m["flax"], m["kind"], None
+
+
+def torch_to_flax(state: dict, modules, reshape=None) -> dict:
+    """``{flax path: array}`` from a torch state dict (``{module.weight: array}``)."""
+    out: dict[str, list | np.ndarray] = {}
+    for tname, fpath, kind, index in _expand_modules(modules):
+        w = state[f"{tname}.weight"]
+        leaf = {"linear": "kernel", "conv": "kernel", "embedding": "embedding"}[kind]
+        value = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 3, 1, 0),
+                 "embedding": lambda w: w}[kind](w)
+        items = [(f"{fpath}/{leaf}", value)]
+        if f"{tname}.bias" in state:
+            items.append((f"{fpath}/bias", state[f"{tname}.bias"]))
+        for key, v in items:
+            if index is None:
+                out[key] = np.ascontiguousarray(v)
+            else:
+                out.setdefault(key, []).append(v)
+    out = {k: np.stack(v) if isinstance(v, list) else v for k, v in out.items()}
+    for key, shape in (reshape or {}).items():
+        out[key] = out[key].reshape(shape)
+    return out
+
+
+def flax_to_torch(flat: dict, modules, torch_shapes: dict) -> dict:
+    """The inverse of :func:`torch_to_flax`; a DenseGeneral kernel is flattened back to
+    the torch weight's shape (C order, as jlora.peft exports it)."""
+    out = {}
+    for tname, fpath, kind, index in _expand_modules(modules):
+        leaf = "embedding" if kind == "embedding" else "kernel"
+        k = flat[f"{fpath}/{leaf}"]
+        k = k if index is None else k[index]
+        if kind == "linear":
+            n_out, n_in = torch_shapes[f"{tname}.weight"]
+            k = k.reshape(n_in, n_out).T
+        elif kind == "conv":
+            k = k.transpose(3, 2, 0, 1)
+        out[f"{tname}.weight"] = np.ascontiguousarray(k)
+        if f"{fpath}/bias" in flat:
+            b = flat[f"{fpath}/bias"]
+            out[f"{tname}.bias"] = np.ascontiguousarray(b if index is None else b[index])
+    return out
+
+
+def inputs_to_flax(inputs: dict) -> dict:
+    return {k: v.transpose(0, 2, 3, 1) if v.ndim == 4 else v for k, v in inputs.items()}
+
+
+def save_st(path: pathlib.Path, arrays: dict) -> None:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path)
+
+
+# -- default mode: PEFT -> fixtures --------------------------------------------------------
+
+
+def _scales_and_ranks(peft_model) -> tuple[dict, dict]:
+    modules = [(n, m) for n, m in peft_model.base_model.model.named_modules()
+               if hasattr(m, "scaling") and "default" in m.scaling]
+    return ({n: float(m.scaling["default"]) for n, m in modules},
+            {n: int(m.r["default"]) for n, m in modules})
+
+
+def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
+    torch = _torch()
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = build_model(spec["model"]).eval()
+    base = to_numpy(model.state_dict())
+    inputs = make_inputs(spec["model"])
+    config = LoraConfig(init_lora_weights=False, **spec["peft"])
+    peft_model = get_peft_model(model, config).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for pname, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in pname:
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))  # |W + sBA| -> anything
+            elif "lora_" in pname:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        trained_outputs = to_numpy(peft_model(**inputs))
+
+    case_dir = out_root / name
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    (case_dir / "adapter").mkdir(parents=True)
+    peft_model.save_pretrained(case_dir / "adapter")
+    (case_dir / "adapter" / "README.md").unlink(missing_ok=True)  # boilerplate, not data
+
+    # The reference is what the *directory* means to PEFT: load it onto a fresh base model.
+    # (It can differ from the model that saved it: PEFT writes adapter_config.json with
+    # sorted keys, so overlapping rank/alpha_pattern keys change precedence on reload.)
+    fresh = build_model(spec["model"])
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    loaded = PeftModel.from_pretrained(fresh.eval(), case_dir / "adapter").eval()
+    scales, ranks = _scales_and_ranks(loaded)
+    with torch.no_grad():
+        outputs = to_numpy(loaded(**inputs))
+    reload_gap = max(float(np.abs(trained_outputs[k] - outputs[k]).max()) for k in outputs)
+    if reload_gap > TOL:
+        print(f"WARNING {name}: PEFT's reloaded adapter differs from the one it saved by "
+              f"{reload_gap:.2e}; the fixture records the reloaded one.")
+    merged_model = loaded.merge_and_unload().eval()
+    merged = to_numpy(merged_model.state_dict())
+    with torch.no_grad():
+        merged_outputs = to_numpy(merged_model(**inputs))
+    gap = max(float(np.abs(merged_outputs[k] - outputs[k]).max()) for k in outputs)
+    for key in base:  # every adapted weight must have moved, or the fixture tests nothing
+        if key.endswith(".weight") and np.abs(merged[key] - base[key]).max() < 1e-3:
+            raise RuntimeError(f"{name}: merging left {key} unchanged")
+
+    x = to_numpy(inputs)
+    save_st(case_dir / "torch.safetensors", {
+        **{f"base/{k}": v for k, v in base.items()},
+        **{f"merged/{k}": v for k, v in merged.items()},
+        **{f"x/{k}": v for k, v in x.items()},
+        **{f"y/{k}": v for k, v in outputs.items()},
+    })
+    save_st(case_dir / "flax.safetensors", {
+        **{f"base/{k}": v for k, v in torch_to_flax(base, spec["modules"]).items()},
+        **{f"merged/{k}": v for k, v in torch_to_flax(merged, spec["modules"]).items()},
+        **{f"x/{k}": v for k, v in inputs_to_flax(x).items()},
+        **{f"y/{k}": v for k, v in inputs_to_flax(outputs).items()},
+    })
+    (case_dir / "case.json").write_text(json.dumps({
+        "model": spec["model"],
+        "modules": spec["modules"],
+        "layouts": spec.get("layouts", {}),
+        "peft_config": spec["peft"],
+        "peft_scales": scales,
+        "peft_ranks": ranks,
+    }, indent=2) + "\n")
+    print(f"{name:10s} ranks={ranks} scales={ {k: round(v, 4) for k, v in scales.items()} } "
+          f"merged-vs-unmerged {gap:.1e}, saved-vs-reloaded {reload_gap:.1e}")
+
+
+def make_fixtures(out_root: pathlib.Path) -> None:
+    import peft
+    torch = _torch()
+    print(f"torch {torch.__version__}, peft {peft.__version__}; writing {out_root}")
+    out_root.mkdir(parents=True, exist_ok=True)
+    for name, spec in CASES.items():
+        make_case(name, spec, out_root)
+    total = sum(f.stat().st_size for f in out_root.rglob("*") if f.is_file())
+    print(f"total fixture size: {total / 1024:.1f} KiB")
+
+
+# -- --jlora-side: runs under jlora's python -----------------------------------------------
+
+
+def jlora_side(out_root: pathlib.Path, fixtures: pathlib.Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import jlora
+
+    def nest(flat):
+        tree = {}
+        for path, value in flat.items():
+            node = tree
+            *parents, leaf = path.split("/")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = jnp.asarray(value)
+        return tree
+
+    report = {}
+    for name, spec in EXPORTS.items():
+        stored = safetensors.numpy.load_file(fixtures / spec["base"] / "flax.safetensors")
+        flat = {k[len("base/"):]: v for k, v in stored.items() if k.startswith("base/")}
+        for key, shape in spec.get("reshape", {}).items():
+            flat[key] = flat[key].reshape(shape)
+        params = nest(flat)
+        adapters = {}
+        for i, cfg in enumerate(spec["configs"]):
+            cfg = dict(cfg)
+            if cfg.get("scaling") == "custom":
+                cfg["scaling"] = lambda rank, alpha: 0.37 * alpha + 0.01 * rank
+            made = jlora.init(jax.random.key(i), params, jlora.LoraConfig(**cfg))
+            adapters.update(made)
+        for j, (path, ad) in enumerate(sorted(adapters.items())):
+            ka, kb, km = jax.random.split(jax.random.fold_in(jax.random.key(7), j), 3)
+            changes = dict(a=0.3 * jax.random.normal(ka, ad.a.shape),
+                           b=0.3 * jax.random.normal(kb, ad.b.shape))
+            if ad.magnitude is not None:
+                changes["magnitude"] = ad.magnitude * jax.random.uniform(
+                    km, ad.magnitude.shape, minval=0.5, maxval=1.5)
+            adapters[path] = ad.replace(**changes)
+        case_dir = out_root / name
+        jlora.peft.save(case_dir / "adapter", adapters)
+        merged = jlora.merge(params, adapters)
+        save_st(case_dir / "merged.safetensors",
+                {k: np.asarray(v) for k, v in jlora.paths.select(merged, ".*").items()})
+        # Round trip through the directory, as a sanity check of the reader.
+        back = jlora.peft.load(case_dir / "adapter", params,
+                               layouts=spec["configs"][0].get("layouts"))
+        same = all(
+            jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back[p], adapters[p]))
+            and back[p].replace(a=0, b=0, magnitude=None)
+            == adapters[p].replace(a=0, b=0, magnitude=None)
+            for p in adapters
+        ) and back.keys() == adapters.keys()
+        module_scales = {}
+        for p, ad in adapters.items():
+            ns = ad.layout.num_stacked
+            for idx in np.ndindex(*ad.a.shape[:ns]):
+                module_scales[jlora.peft.default_module_name(p, ns).format(*idx)] = ad.scale
+        report[name] = {
+            "module_scales": module_scales,
+            "policies": {p: ad.policy for p, ad in adapters.items()},
+            "round_trip_exact": bool(same),
+        }
+    (out_root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+# -- --check-export: jlora -> PEFT ---------------------------------------------------------
+
+
+def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
+    torch = _torch()
+    from peft import PeftModel
+
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        cmd = [jlora_python, str(pathlib.Path(__file__).resolve()), "--jlora-side", tmp,
+               "--fixtures", str(fixtures)]
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
+        report = json.loads((pathlib.Path(tmp) / "report.json").read_text())
+        for name, spec in EXPORTS.items():
+            base_spec = CASES[spec["base"]]
+            stored = safetensors.numpy.load_file(fixtures / spec["base"] / "torch.safetensors")
+            base = {k[5:]: v for k, v in stored.items() if k.startswith("base/")}
+            inputs = {k[2:]: torch.from_numpy(v) for k, v in stored.items() if k.startswith("x/")}
+            shapes = {k: v.shape for k, v in base.items()}
+
+            model = build_model(base_spec["model"])
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+            peft_model = PeftModel.from_pretrained(model.eval(), os.path.join(tmp, name, "adapter"))
+            peft_model.eval()
+            jlora_merged = flax_to_torch(
+                safetensors.numpy.load_file(pathlib.Path(tmp) / name / "merged.safetensors"),
+                base_spec["modules"], shapes)
+            reference = build_model(base_spec["model"]).eval()
+            reference.load_state_dict({k: torch.from_numpy(v) for k, v in jlora_merged.items()})
+            with torch.no_grad():
+                y_peft = to_numpy(peft_model(**inputs))
+                y_jlora = to_numpy(reference(**inputs))
+                peft_scales = {
+                    m: float(mod.scaling["default"])
+                    for m, mod in peft_model.base_model.model.named_modules()
+                    if hasattr(mod, "scaling") and "default" in mod.scaling
+                }
+                merged = to_numpy(peft_model.merge_and_unload().state_dict())
+            out_gap = max(float(np.abs(y_peft[k] - y_jlora[k]).max()) for k in y_peft)
+            w_gap = max(float(np.abs(merged[k] - jlora_merged[k]).max()) for k in merged)
+            # The same modules, each with bit-for-bit the scale jlora's adapter carries.
+            scales_match = peft_scales == report[name]["module_scales"]
+            good = out_gap <= TOL and w_gap <= TOL and scales_match and \
+                report[name]["round_trip_exact"]
+            ok &= good
+            print(f"{name:15s} {'OK  ' if good else 'FAIL'} output max|diff|={out_gap:.2e} "
+                  f"merged-weight max|diff|={w_gap:.2e} PEFT scales="
+                  f"{sorted(set(round(s, 6) for s in peft_scales.values()))} "
+                  f"scales exact={scales_match} jlora round trip exact="
+                  f"{report[name]['round_trip_exact']}")
+    print("export check:", "PASSED" if ok else "FAILED")
+    return ok
+
+
+def main(argv=None) -> int:
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # PEFT keeps target_modules in a set: fix string hashing so that the JSON it writes
+        # (and so the committed fixtures) come out byte for byte the same on every run.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  dict(os.environ, PYTHONHASHSEED="0"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=pathlib.Path, default=FIXTURES,
+                        help="fixture directory (default: tests/fixtures/peft)")
+    parser.add_argument("--check-export", action="store_true",
+                        help="export adapters with jlora and load them with PEFT")
+    parser.add_argument("--jlora-python", default=str(ROOT / ".venv" / "bin" / "python"),
+                        help="python with jlora and jax (default: .venv/bin/python)")
+    parser.add_argument("--fixtures", type=pathlib.Path, default=FIXTURES,
+                        help="fixtures to read the base weights from (default: %(default)s)")
+    parser.add_argument("--jlora-side", type=pathlib.Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.jlora_side:
+        jlora_side(args.jlora_side, args.fixtures)
+        return 0
+    if args.check_export:
+        return 0 if check_export(args.jlora_python, args.fixtures) else 1
+    make_fixtures(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

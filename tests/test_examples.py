@@ -1,0 +1,120 @@
+"""Smoke tests of the example scripts: each runs end to end with tiny flags in a subprocess.
+
+Beyond "it finishes and writes its files", they check properties the scripts' numbers
+must have: the held-out loss at step 0 equals the base model's (B = 0), a second run
+reuses the cached base, the mesh run reproduces the single-device numbers, and the rank
+sweep's step-0 gradients differ between scalings by exactly the ratio of their scales.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jlora
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY_LM = [
+    "--d-model", "32", "--layers", "2", "--heads", "2", "--seq-len", "32",
+    "--pretrain-steps", "6", "--pretrain-bytes", "200000", "--steps", "4", "--batch", "4",
+    "--eval-windows", "8", "--eval-every", "2", "--rank", "2", "--alpha", "2",
+    "--no-progress",
+]
+
+
+def run_script(name: str, *args: str, devices: int = 1) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    if devices > 1:  # virtual CPU devices: must be set before jax starts
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out1, out2 = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("mesh")
+    log1 = run_script("finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(out1))
+    log2 = run_script(
+        "finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(out2),
+        "--mesh", "data=2,model=4", devices=8,
+    )
+    return (out1, log1), (out2, log2)
+
+
+def test_finetune_writes_outputs(finetune_runs):
+    (out, log), _ = finetune_runs
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pretrained the base model" in log and str(out / "results.json") in log
+    assert not results["pretrain_cached"]
+    for scaling, scale in (("standard", 2 / 2), ("rslora", 2 / math.sqrt(2))):
+        adapters = jlora.load(out / f"adapter_{scaling}")
+        assert {a.rank for a in adapters.values()} == {2}
+        assert {a.policy for a in adapters.values()} == {scaling}
+        np.testing.assert_allclose([a.scale for a in adapters.values()], scale, rtol=1e-6)
+        run = results["runs"][scaling]
+        assert len(run["train_losses"]) == 4 and all(map(math.isfinite, run["train_losses"]))
+        steps = [s for s, _ in run["heldout_curve"]]
+        assert steps == [0, 2, 4]
+        # B = 0 at init: the adapted model starts exactly as the base model.
+        np.testing.assert_allclose(run["heldout_curve"][0][1], results["base_heldout"], rtol=1e-6)
+        assert run["heldout"] == run["heldout_curve"][-1][1]
+
+
+def test_finetune_mesh_reuses_cache_and_matches_single_device(finetune_runs):
+    (out1, _), (out2, log2) = finetune_runs
+    single = json.loads((out1 / "results.json").read_text())
+    mesh = json.loads((out2 / "results.json").read_text())
+    assert "loaded the cached base model" in log2 and mesh["pretrain_cached"]
+    assert mesh["mesh"] == {"data": 2, "model": 4}
+    np.testing.assert_allclose(mesh["base_heldout"], single["base_heldout"], rtol=1e-5)
+    for scaling in ("standard", "rslora"):
+        np.testing.assert_allclose(
+            mesh["runs"][scaling]["train_losses"], single["runs"][scaling]["train_losses"],
+            rtol=1e-4,
+        )
+        np.testing.assert_allclose(
+            mesh["runs"][scaling]["heldout"], single["runs"][scaling]["heldout"], rtol=1e-4
+        )
+
+
+def test_rank_sweep(tmp_path):
+    ranks = [1, 4]
+    log = run_script(
+        "rank_sweep.py", "--dim", "16", "--ranks", "1,4,32", "--seeds", "2", "--steps", "5",
+        "--lr-grid", "1,4", "--out", str(tmp_path),
+    )
+    assert "dropped ranks [32]" in log and "slope" in log
+    assert (tmp_path / "step0_linear.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "training_linear.png").read_bytes()[:4] == b"\x89PNG"
+    results = json.loads((tmp_path / "results_linear.json").read_text())
+    assert results["ranks"] == ranks
+    std, rs = results["step0"]["standard"], results["step0"]["rslora"]
+    # B = 0: no gradient reaches A at step 0.
+    assert np.max(std["grad_a"]) == 0 and np.max(rs["grad_a"]) == 0
+    # Same seed, same A: dL/dB = s·Aᵀ·G differs between scalings only by the scale ratio
+    # (alpha/r) / (alpha/sqrt(r)) = 1/sqrt(r); the SGD update by its square.
+    ratio = np.broadcast_to(1 / np.sqrt(ranks)[:, None], (len(ranks), 2))  # (ranks, seeds)
+    np.testing.assert_allclose(np.asarray(std["grad_b"]) / rs["grad_b"], ratio, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(std["sgd_update"]) / rs["sgd_update"], ratio**2, rtol=1e-5
+    )
+    final = {s: np.asarray(results["training"]["final"][s]) for s in ("standard", "rslora")}
+    assert final["standard"].shape == (len(ranks), 2, 2)  # (ranks, lrs, seeds)
+    assert np.isfinite(final["standard"]).all() and np.isfinite(final["rslora"]).all()
+    # At rank 1 the two scalings are the same scale: identical runs.
+    np.testing.assert_allclose(final["standard"][0], final["rslora"][0], rtol=1e-6)
+    # The capacity floor is the Eckart-Young tail, decreasing in rank.
+    assert np.all(np.diff(results["training"]["floor"]) < 0)

@@ -433,12 +433,12 @@ def _peft_shapes(layout: Layout, kernel_shape: tuple[int, ...], rank: int) -> di
                 M=(math.prod(fan_out),), a_key="lora_A.weight", b_key="lora_B.weight")
 
 
-def _to_peft(layout: Layout, a: np.ndarray, b: np.ndarray, m) -> tuple:
-    """One unstacked kernel's ``(A, B, magnitude)`` in PEFT's layout."""
+def _to_peft(layout: Layout, a, b, m) -> tuple:
+    """One unstacked kernel's ``(A, B, magnitude)`` in PEFT's layout (jnp: traceable)."""
     rank = a.shape[-1]
     if layout.kind == "conv":
         nw = len(layout.window_axes)
-        big_a = np.transpose(a, (nw + 1, nw, *range(nw)))  # (*w, in, r) -> (r, in, *w)
+        big_a = jnp.transpose(a, (nw + 1, nw, *range(nw)))  # (*w, in, r) -> (r, in, *w)
         big_b = b.T.reshape(b.shape[1], rank, *([1] * nw))
         mag = None if m is None else m.reshape(1, -1, *([1] * nw))
     else:  # dense and embedding: flatten the fan axes, then transpose
@@ -571,6 +571,37 @@ def save(
       >>> config["target_modules"], config["r"], config["lora_alpha"]
       (['layers.0.mlp', 'layers.1.mlp', 'layers.2.mlp'], 2, 4)
     """
+    config, tensors, metadata = export(
+        adapters, names=names, base_model_name_or_path=base_model_name_or_path
+    )
+    host = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
+    files = {
+        WEIGHTS_NAME: safetensors_bytes(host, metadata),
+        CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
+    }
+    return write_dir_atomic(path, files, what="a PEFT adapter")
+
+
+def export(
+    adapters: Adapters,
+    *,
+    names: Names = None,
+    base_model_name_or_path: str | None = None,
+) -> tuple[dict, dict, dict]:
+    """What :func:`save` writes, in memory: ``(adapter_config, tensors, file metadata)``.
+
+    The tensors are computed with ``jax.numpy`` from the factors, so ``export`` also runs
+    on abstract adapters under ``jax.eval_shape`` (PEFT key names and shapes of a 7B model
+    without allocating it) and inside ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"proj": {"kernel": jnp.ones((8, 4))}}
+      >>> ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2))
+      >>> config, tensors, _ = jlora.peft.export(ads)
+      >>> {k: v.shape for k, v in tensors.items()}
+      {'base_model.model.proj.lora_A.weight': (2, 8), 'base_model.model.proj.lora_B.weight': (4, 2)}
+    """
     if not isinstance(adapters, dict):
         raise TypeError(
             f"`adapters` must be the dict {{path: Adapter}} that jlora.init returns, got "
@@ -634,15 +665,14 @@ def save(
     for p, ad in adapters.items():
         ns = ad.layout.num_stacked
         inner = ad.layout.unstacked(ns)
-        a, b = np.asarray(jax.device_get(ad.a)), np.asarray(jax.device_get(ad.b))
-        m = None if ad.magnitude is None else np.asarray(jax.device_get(ad.magnitude))
         keys = _peft_shapes(inner, ad.kernel_shape[ns:], ad.rank)
         for idx, name in modules[p]:
-            big_a, big_b, mag = _to_peft(inner, a[idx], b[idx], None if m is None else m[idx])
-            tensors[f"{PREFIX}{name}.{keys['a_key']}"] = np.ascontiguousarray(big_a)
-            tensors[f"{PREFIX}{name}.{keys['b_key']}"] = np.ascontiguousarray(big_b)
+            m = None if ad.magnitude is None else ad.magnitude[idx]
+            big_a, big_b, mag = _to_peft(inner, ad.a[idx], ad.b[idx], m)
+            tensors[f"{PREFIX}{name}.{keys['a_key']}"] = big_a
+            tensors[f"{PREFIX}{name}.{keys['b_key']}"] = big_b
             if ad.variant == "dora":
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(mag)
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag
 
     config = {
         "peft_type": "LORA",
@@ -670,11 +700,7 @@ def save(
     metadata = {"format": "pt"}  # what PEFT writes; PEFT ignores other entries
     if extra:
         metadata[_METADATA_KEY] = json.dumps({"version": __version__, "modules": extra})
-    files = {
-        WEIGHTS_NAME: safetensors_bytes(tensors, metadata),
-        CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
-    }
-    return write_dir_atomic(path, files, what="a PEFT adapter")
+    return config, tensors, metadata
 
 
 # -- import -----------------------------------------------------------------------------

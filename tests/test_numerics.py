@@ -100,3 +100,24 @@ def test_merge_with_donated_params_keeps_one_copy():
     assert memory.alias_size_in_bytes == param_bytes  # every merged kernel overwrites its input
     # Two slices (the update and its sum) at most, against 384 MiB of params.
     assert memory.temp_size_in_bytes <= 2 * jlora.merging.MAX_UPDATE_BYTES + 2**20
+
+
+def test_7b_tree_peft_export_without_allocation():
+    params = llama7b_shapes()
+    config = jlora.LoraConfig(rank=16, alpha=32.0, use_rslora=True,
+                              targets=r"layers/attn/(q|v)_proj/kernel",
+                              layouts={"layers/.*": "s..."})
+    adapters = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, config), params)
+    exported = {}
+
+    def export(ads):  # the config is plain data; the tensors stay abstract
+        exported["config"], tensors, _ = jlora.peft.export(ads)
+        return tensors
+
+    tensors = jax.eval_shape(export, adapters)
+    config_json = exported["config"]
+    assert config_json["r"] == 16 and config_json["use_rslora"] is True
+    assert len(config_json["target_modules"]) == 64  # one module per layer and projection
+    assert tensors["base_model.model.layers.31.attn.q_proj.lora_A.weight"].shape == (16, 4096)
+    assert tensors["base_model.model.layers.0.attn.v_proj.lora_B.weight"].shape == (4096, 16)
+    assert len(tensors) == 128

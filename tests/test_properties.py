@@ -1,8 +1,10 @@
 """Property-based tests over random kernel layouts, ranks, alphas and policies."""
 
 import math
+import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -86,3 +88,61 @@ def test_partition_combine_round_trip(case):
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
         assert x is y
+
+
+def dense_apply(axes):
+    """f(params, x): contract x with the kernel's fan-in axes, batched over stacked axes."""
+    stacked = "".join("abc"[k] for k in range(axes.count("s")))
+    fan_in = "".join("ijk"[k] for k in range(axes.count("i")))
+    fan_out = "".join("opq"[k] for k in range(axes.count("o")))
+    spec = f"{stacked}n{fan_in},{stacked}{fan_in}{fan_out}->{stacked}n{fan_out}"
+
+    def f(params, x):
+        return jnp.sin(jnp.einsum(spec, x, params["model"]["kernel"]))
+
+    return f
+
+
+@given(layouts())
+def test_factored_transform_equals_merge_for_values_and_grads(case):
+    axes, shape, *_ = case
+    params, adapters, k_a, k_b = build(*case)
+    ad = adapters["model/kernel"]
+    adapters = {"model/kernel": ad.replace(b=jax.random.normal(k_b, ad.b.shape))}
+    lay = ad.layout
+    stacked = shape[: lay.num_stacked]
+    fan_in = tuple(shape[i] for i in lay.fan_in_axes)
+    x = jax.random.normal(k_a, (*stacked, 3, *fan_in))
+    f = dense_apply(axes)
+
+    def loss_factored(ads, x):
+        return jnp.sum(jlora.lora(f)(params, ads, x) ** 2)
+
+    def loss_merged(ads, x):
+        return jnp.sum(f(jlora.merge(params, ads), x) ** 2)
+
+    value_f, grads_f = jax.value_and_grad(loss_factored, argnums=(0, 1))(adapters, x)
+    value_m, grads_m = jax.value_and_grad(loss_merged, argnums=(0, 1))(adapters, x)
+    np.testing.assert_allclose(value_f, value_m, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_m), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert jlora.lora_report(f, params, adapters, x) == {"model/kernel": "factored"}
+
+
+@given(layouts())
+def test_native_and_peft_files_round_trip_exactly(case):
+    axes, *_ = case
+    params, adapters, k_a, k_b = build(*case)
+    ad = adapters["model/kernel"]
+    adapters = {"model/kernel": ad.replace(a=jax.random.normal(k_a, ad.a.shape),
+                                           b=jax.random.normal(k_b, ad.b.shape))}
+    with tempfile.TemporaryDirectory() as tmp:
+        native = jlora.load(jlora.save(f"{tmp}/native", adapters), params)
+        peft = jlora.peft.load(jlora.peft.save(f"{tmp}/peft", adapters), params,
+                               layouts={".*kernel": axes})
+    for loaded in (native, peft):
+        back = loaded["model/kernel"]
+        assert (back.layout, back.rank, back.scale) == (ad.layout, ad.rank,
+                                                         adapters["model/kernel"].scale)
+        np.testing.assert_array_equal(back.a, adapters["model/kernel"].a)
+        np.testing.assert_array_equal(back.b, adapters["model/kernel"].b)

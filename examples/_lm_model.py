@@ -72,7 +72,8 @@ class TransformerLM(nn.Module):
 def init_params(config: ModelConfig, seed: int = 0):
     model = TransformerLM(config)
     tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-    return model.init(jax.random.key(seed), tokens)["params"]
+    # One compiled call, not one dispatch per parameter initializer.
+    return jax.jit(model.init)(jax.random.key(seed), tokens)["params"]
 
 
 def make_loss(config: ModelConfig):

@@ -233,11 +233,12 @@ def pretrain_base(config, args, devices, text):
     )
     digest = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
     cache = Path(os.path.expanduser(args.cache_dir)) / f"finetune_lm_base_{digest}.msgpack"
-    template = jax.tree.map(np.asarray, init_params(config, args.seed))
     if not args.no_cache and cache.exists():
         blob = flax.serialization.msgpack_restore(cache.read_bytes())
+        template = jax.eval_shape(lambda: init_params(config, args.seed))  # structure only
         params = flax.serialization.from_state_dict(template, blob["params"])
-        return params, list(blob["losses"]), cache, True
+        return params, [float(x) for x in blob["losses"]], cache, True
+    template = init_params(config, args.seed)
 
     loss_fn = make_loss(config)
     schedule = optax.warmup_cosine_decay_schedule(
@@ -349,6 +350,9 @@ def main(argv=None) -> dict:
     if args.batch % per:
         raise SystemExit(f"--batch {args.batch} must divide evenly over data={sizes['data']} "
                          f"and {jax.process_count()} process(es).")
+    if args.d_model % sizes["model"] or args.d_ff % sizes["model"]:
+        raise SystemExit(f"--d-model {args.d_model} and --d-ff {args.d_ff} must divide by "
+                         f"model={sizes['model']} (the tensor-parallel split).")
     devices = Devices(sizes)
     config = ModelConfig(d_model=args.d_model, n_heads=args.heads, n_layers=args.layers,
                          d_ff=args.d_ff, seq_len=args.seq_len)

@@ -166,7 +166,8 @@ def lm_task(args) -> Task:
     import finetune_lm
     from _lm_model import LORA_LAYOUTS, LORA_TARGETS, ModelConfig, make_loss
 
-    ft = finetune_lm.parse_args(["--cache-dir", args.cache_dir, "--batch", str(args.batch)])
+    # finetune_lm's default model and pretraining: the same cache entry as its default run.
+    ft = finetune_lm.parse_args(["--cache-dir", args.cache_dir])
     config = ModelConfig(d_model=ft.d_model, n_heads=ft.heads, n_layers=ft.layers,
                          d_ff=ft.d_ff, seq_len=ft.seq_len)
     text, _ = data_lib.stdlib_sources(ft.pretrain_bytes, ft.pretrain_dir)
@@ -292,7 +293,8 @@ def plot_training(path: Path, ranks, fixed, best, floor, args, task_name):
         keep = [i for i, f in enumerate(floor) if f > 0]
         ax.plot([ranks[i] for i in keep], [floor[i] for i in keep], "k:",
                 label="best possible at this rank (Eckart-Young)")
-    ax.set(xscale="log", yscale="log", xlabel="rank", ylabel="evaluation loss",
+    ax.set(xscale="log", yscale="log" if floor else "linear", xlabel="rank",
+           ylabel=f"evaluation loss (mean ± std of {args.seeds} seeds)",
            title=f"(b) loss after {args.steps} Adam steps, alpha {args.alpha:g}, {task_name} task")
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -29,32 +29,45 @@ TINY_LM = [
 ]
 
 
-def run_script(name: str, *args: str, devices: int = 1) -> str:
+def start_script(name: str, *args: str, devices: int = 1) -> subprocess.Popen:
     env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     if devices > 1:  # virtual CPU devices: must be set before jax starts
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, str(EXAMPLES / name), *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
+
+
+def finish(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{proc.args} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
 
 
 @pytest.fixture(scope="module")
-def finetune_runs(tmp_path_factory):
+def runs(tmp_path_factory):
+    """All script runs of this module; independent ones overlap (compiling is single-threaded)."""
     cache = tmp_path_factory.mktemp("cache")
-    out1, out2 = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("mesh")
-    log1 = run_script("finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(out1))
-    log2 = run_script(
-        "finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(out2),
-        "--mesh", "data=2,model=4", devices=8,
+    single, mesh, sweep = (tmp_path_factory.mktemp(n) for n in ("single", "mesh", "sweep"))
+    sweep_proc = start_script(
+        "rank_sweep.py", "--dim", "16", "--ranks", "1,4,32", "--seeds", "2", "--steps", "5",
+        "--lr-grid", "1,4", "--out", str(sweep),
     )
-    return (out1, log1), (out2, log2)
+    single_log = finish(start_script(
+        "finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(single)
+    ))
+    # Started after the first run has cached the base model, which it must reuse.
+    mesh_log = finish(start_script(
+        "finetune_lm.py", *TINY_LM, "--cache-dir", str(cache), "--out", str(mesh),
+        "--mesh", "data=2,model=4", devices=8,
+    ))
+    return {"single": (single, single_log), "mesh": (mesh, mesh_log),
+            "sweep": (sweep, finish(sweep_proc))}
 
 
-def test_finetune_writes_outputs(finetune_runs):
-    (out, log), _ = finetune_runs
+def test_finetune_writes_outputs(runs):
+    out, log = runs["single"]
     results = json.loads((out / "results.json").read_text())
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pretrained the base model" in log and str(out / "results.json") in log
@@ -73,8 +86,8 @@ def test_finetune_writes_outputs(finetune_runs):
         assert run["heldout"] == run["heldout_curve"][-1][1]
 
 
-def test_finetune_mesh_reuses_cache_and_matches_single_device(finetune_runs):
-    (out1, _), (out2, log2) = finetune_runs
+def test_finetune_mesh_reuses_cache_and_matches_single_device(runs):
+    (out1, _), (out2, log2) = runs["single"], runs["mesh"]
     single = json.loads((out1 / "results.json").read_text())
     mesh = json.loads((out2 / "results.json").read_text())
     assert "loaded the cached base model" in log2 and mesh["pretrain_cached"]
@@ -90,12 +103,9 @@ def test_finetune_mesh_reuses_cache_and_matches_single_device(finetune_runs):
         )
 
 
-def test_rank_sweep(tmp_path):
+def test_rank_sweep(runs):
+    tmp_path, log = runs["sweep"]
     ranks = [1, 4]
-    log = run_script(
-        "rank_sweep.py", "--dim", "16", "--ranks", "1,4,32", "--seeds", "2", "--steps", "5",
-        "--lr-grid", "1,4", "--out", str(tmp_path),
-    )
     assert "dropped ranks [32]" in log and "slope" in log
     assert (tmp_path / "step0_linear.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "training_linear.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,11 @@ bound       lower bound: forward + backward to the activations, no weight gradie
             (grad w.r.t. the input embeddings only, params under stop_gradient)
 full        full fine-tuning: grad w.r.t. every param
 merged      ``apply(jlora.merge(params, adapters), x)``: W + s·A·B formed in the step
-jlora       ``jlora.lora(apply)(params, adapters, x)``: the factored transform
+jlora       ``jlora.lora(apply)(params, adapters, x)``: the factored transform (defaults)
+jlora_*     the same with one optimisation off: ``jlora_nofuse`` (fuse_shared_inputs=False),
+            ``jlora_novjp`` (custom_vjp=False: JAX's own backward pass)
+jlora_nnx   ``jlora.lora`` on the same block written in NNX (plain ``nnx.Linear``,
+            layers under ``lax.scan``, ``nnx.merge`` per layer)
 factored    a hand-written ``x·W + b + s·((x·A)·B)`` linen layer
 nnx         flax's ``nnx.LoRALinear`` (the same block in NNX, layers under lax.scan)
 qwix        qwix's ``LoraProvider`` intercepting the linen model's dot_generals
@@ -29,6 +33,7 @@ function would show here.
 Usage::
 
   python benchmarks/bench_train_step.py --small          # seconds: tiny shapes
+  python benchmarks/bench_train_step.py --mid            # development shapes (a minute)
   python benchmarks/bench_train_step.py                  # the documented table (minutes)
   python benchmarks/bench_train_step.py --only bound,jlora,merged --repeats 1
   python benchmarks/bench_train_step.py --device-info    # where would it run?
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -52,12 +58,22 @@ import common  # noqa: E402
 
 import jlora  # noqa: E402
 
-ROWS = ("bound", "full", "merged", "jlora", "factored", "nnx", "qwix", "lorax")
+# jlora rows: the default, then each optimisation switched off (jlora.lora's options).
+JLORA_OPTIONS = {
+    "jlora": {},
+    "jlora_nofuse": {"fuse_shared_inputs": False},
+    "jlora_novjp": {"custom_vjp": False},
+}
+ROWS = ("bound", "full", "merged", *JLORA_OPTIONS, "jlora_nnx", "factored", "nnx", "qwix",
+        "lorax")
 LABELS = {
     "bound": "lower bound: fwd + bwd to activations, no weight grad",
     "full": "full fine-tuning",
     "merged": "merged: W + s·A·B formed in the step",
-    "jlora": "jlora.lora (factored transform)",
+    "jlora": "jlora.lora (factored transform, defaults)",
+    "jlora_nofuse": "jlora.lora, fuse_shared_inputs=False",
+    "jlora_novjp": "jlora.lora, custom_vjp=False (JAX's own backward)",
+    "jlora_nnx": "jlora.lora on the NNX model (nnx.Linear, lax.scan)",
     "factored": "hand-written x·W + s·((x·A)·B)",
     "nnx": "flax nnx.LoRALinear",
     "qwix": "qwix LoraProvider",
@@ -65,6 +81,10 @@ LABELS = {
 }
 # Which row each row's loss (and adapter gradients) is checked against.
 REFERENCE = {"full": "bound", **{k: "merged" for k in ROWS if k not in ("bound", "full")}}
+
+
+# Mid-size shapes for development: big enough that XLA:CPU's choices show, a few seconds.
+MID = dataclasses.replace(common.FULL, d_model=512, mlp=2048, heads=8, layers=2, seq=256)
 
 
 class Unavailable(Exception):
@@ -151,9 +171,9 @@ def _jlora_lora():
     return lora
 
 
-def row_jlora(s: Setup, unroll: bool):
+def row_jlora(s: Setup, unroll: bool, options: dict | None = None):
     lora = _jlora_lora()
-    factored_apply = lora(s.apply_fn(unroll))
+    factored_apply = lora(s.apply_fn(unroll), **(options or {}))
 
     def step(adapters, params, x):
         return jax.value_and_grad(
@@ -161,6 +181,48 @@ def row_jlora(s: Setup, unroll: bool):
         )(adapters)
 
     return step, (s.adapters, s.params, s.x), lambda out: _adapter_grads(*out)
+
+
+def row_jlora_nnx(s: Setup, unroll: bool):
+    """jlora.lora on the block written in NNX (plain ``nnx.Linear``), layers under lax.scan."""
+    from flax import nnx
+
+    lora = _jlora_lora()
+    cfg = s.cfg
+    block_cls = common.nnx_block_class(lora=False)
+    graphdef, layer_state = nnx.split(nnx.eval_shape(lambda: block_cls(cfg, rngs=nnx.Rngs(0))))
+    final_def, final_state = nnx.split(
+        nnx.eval_shape(lambda: nnx.LayerNorm(cfg.d_model, rngs=nnx.Rngs(0)))
+    )
+
+    def fill(path, leaf):  # NNX paths: "query/kernel", "ln_attn/scale"
+        module, name = path.split("/")
+        value = s.params["layers"][module][name]
+        assert value.shape[1:] == leaf.shape, (path, value.shape, leaf.shape)
+        return value
+
+    # The same paths as the linen model's ("layers/query/kernel"), so the same adapters.
+    state = {
+        "layers": jlora.paths.tree_map_with_path(fill, layer_state),
+        "ln_final": jlora.paths.tree_map_with_path(
+            lambda p, _: s.params["ln_final"][p], final_state),
+    }
+
+    def apply(state, x):
+        def body(h, layer):
+            return nnx.merge(graphdef, layer)(h), None
+
+        h, _ = jax.lax.scan(body, x, state["layers"], unroll=cfg.layers if unroll else 1)
+        return nnx.merge(final_def, state["ln_final"])(h)
+
+    factored_apply = lora(apply)
+
+    def step(adapters, state, x):
+        return jax.value_and_grad(
+            lambda ad: common.loss_of(factored_apply(state, ad, x), x)
+        )(adapters)
+
+    return step, (s.adapters, state, s.x), lambda out: _adapter_grads(*out)
 
 
 def row_factored(s: Setup, unroll: bool):
@@ -304,7 +366,11 @@ def row_lorax(s: Setup, unroll: bool):
     raise Unavailable("jax-lorax imports here, but this script has no lorax row yet")
 
 
-BUILDERS = {name: globals()[f"row_{name}"] for name in ROWS}
+BUILDERS = {
+    name: (functools.partial(row_jlora, options=JLORA_OPTIONS[name]) if name in JLORA_OPTIONS
+           else globals()[f"row_{name}"])
+    for name in ROWS
+}
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -319,6 +385,7 @@ class Result:
     args: tuple = ()
     canon: dict | None = None
     times: list[list[float]] = dataclasses.field(default_factory=list)  # per repetition
+    cpu: list[list[float]] = dataclasses.field(default_factory=list)  # process CPU seconds
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -338,7 +405,7 @@ def build(name: str, setup: Setup) -> Result:
             res.reason = str(e)
         except Exception as e:  # noqa: BLE001 - the table says what went wrong
             msg = " ".join(str(e).split())[:160]
-            prefix = "not available yet: " if name == "jlora" else "failed: "
+            prefix = "not available yet: " if name.startswith("jlora") else "failed: "
             res.reason = f"{prefix}{type(e).__name__}: {msg}"
             res.run = res.cost = None
     seen = set()
@@ -370,24 +437,26 @@ def table(results: dict[str, Result]) -> str:
     mib = 2.0**20
     header = [
         "step", "GFLOP", "FLOP ×LB", "GB accessed", "temp MiB", "args MiB", "out MiB",
-        "total MiB", "mem ×LB", "wall ms", "wall ×LB", "compile s", "check",
+        "total MiB", "mem ×LB", "wall ms", "wall ×LB", "CPU ms", "CPU ×LB", "compile s",
+        "check",
     ]
     rows = []
     for name, r in results.items():
         if r.run is None:
-            rows.append([LABELS[name], *["—"] * 11, r.reason or ""])
+            rows.append([LABELS[name], *["—"] * 13, r.reason or ""])
             continue
         flops, mem = r.cost.flops, r.run.total_bytes
         medians = [1e3 * common.median(t) for t in r.times]
+        cpu_medians = [1e3 * common.median(t) for t in r.cpu]
         if have_bound:
             flop_ratio = fmt(flops / bound.cost.flops)
             mem_ratio = fmt(mem / bound.run.total_bytes)
-            wall_ratio = spread([
+            wall_ratio, cpu_ratio = (spread([
                 common.median(t) / common.median(tb)
-                for t, tb in zip(r.times, bound.times, strict=False)
-            ])
+                for t, tb in zip(getattr(r, f), getattr(bound, f), strict=False)
+            ]) for f in ("times", "cpu"))
         else:
-            flop_ratio = mem_ratio = wall_ratio = "—"
+            flop_ratio = mem_ratio = wall_ratio = cpu_ratio = "—"
         ref = results.get(REFERENCE.get(name, ""))
         if name in REFERENCE.values():
             check = "reference"
@@ -399,7 +468,8 @@ def table(results: dict[str, Result]) -> str:
             LABELS[name], fmt(flops / 1e9), flop_ratio, fmt(r.cost.bytes_accessed / 1e9),
             fmt(r.run.temp_bytes / mib), fmt(r.run.argument_bytes / mib),
             fmt(r.run.output_bytes / mib), fmt(mem / mib), mem_ratio,
-            spread(medians), wall_ratio, f"{r.run.compile_s + r.cost.compile_s:.1f}", check,
+            spread(medians), wall_ratio, spread(cpu_medians), cpu_ratio,
+            f"{r.run.compile_s + r.cost.compile_s:.1f}", check,
         ])
     return common.markdown_table(header, rows)
 
@@ -407,6 +477,8 @@ def table(results: dict[str, Result]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (seconds), for debugging")
+    parser.add_argument("--mid", action="store_true",
+                        help="mid-size shapes (d_model 512, 2 layers, seq 256): development")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per repetition; each repetition reports their median")
     parser.add_argument("--repeats", type=int, default=3,
@@ -429,7 +501,7 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
 
-    cfg = common.SMALL if args.small else common.FULL
+    cfg = common.SMALL if args.small else MID if args.mid else common.FULL
     print(f"model: {cfg.describe()}", flush=True)
     setup = make_setup(cfg)
 
@@ -443,16 +515,26 @@ def main(argv=None) -> int:
     ready = [r for r in results.values() if r.run is not None]
     for r in ready:
         common.time_calls(r.run.fn, r.args, args.warmup)
-    # Rows interleaved within each repetition, so drift in machine load hits all alike.
+    # Rows interleaved step by step (bound, jlora, ..., bound, jlora, ...), so a change in
+    # machine load hits every row alike within seconds. Process CPU time is taken too: on
+    # a shared machine it is far less sensitive to other jobs than wall-clock.
     for rep in range(args.repeats):
         for r in ready:
-            r.times.append(common.time_calls(r.run.fn, r.args, args.steps))
+            r.times.append([])
+            r.cpu.append([])
+        for _ in range(args.steps):
+            for r in ready:
+                wall, cpu = time.perf_counter(), time.process_time()
+                jax.block_until_ready(r.run.fn(*r.args))
+                r.cpu[-1].append(time.process_time() - cpu)
+                r.times[-1].append(time.perf_counter() - wall)
         print(f"  repetition {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
 
     print(
         f"\none step = value_and_grad w.r.t. the trainable arrays; wall ms = median of "
         f"{args.steps} steps per repetition, over {args.repeats} repetitions "
-        f"(median [min–max]); ×LB = ratio to the lower bound in the same run; FLOPs and "
+        f"(median [min–max]); ×LB = ratio to the lower bound in the same repetition; CPU = "
+        f"process CPU time (both cores) per step; FLOPs and "
         f"bytes from XLA's cost analysis of the unrolled step, memory from the scanned one.\n"
     )
     print(table(results))

@@ -158,22 +158,30 @@ def inputs(cfg: ModelConfig, key: jax.Array) -> jax.Array:
     return jax.random.normal(key, (cfg.batch, cfg.seq, cfg.d_model), jnp.float32)
 
 
-def nnx_block_class():
-    """The same block in NNX with ``nnx.LoRALinear`` layers (imported lazily)."""
+def nnx_block_class(lora: bool = True):
+    """The same block in NNX with ``nnx.LoRALinear`` layers (imported lazily).
+
+    ``lora=False``: plain ``nnx.Linear`` layers (the frozen model, for ``jlora.lora``).
+    """
     from flax import nnx
 
     class NnxBlock(nnx.Module):
         def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
             d, f, r = cfg.d_model, cfg.mlp, cfg.rank
+            if not lora:
+                def linear(i, o, **_):
+                    return nnx.Linear(i, o, rngs=rngs)
+            else:
+                linear = nnx.LoRALinear
             self.cfg = cfg
             self.ln_attn = nnx.LayerNorm(d, rngs=rngs)
             self.ln_mlp = nnx.LayerNorm(d, rngs=rngs)
-            self.query = nnx.LoRALinear(d, d, lora_rank=r, rngs=rngs)
-            self.key = nnx.LoRALinear(d, d, lora_rank=r, rngs=rngs)
-            self.value = nnx.LoRALinear(d, d, lora_rank=r, rngs=rngs)
-            self.out = nnx.LoRALinear(d, d, lora_rank=r, rngs=rngs)
-            self.up = nnx.LoRALinear(d, f, lora_rank=r, rngs=rngs)
-            self.down = nnx.LoRALinear(f, d, lora_rank=r, rngs=rngs)
+            self.query = linear(d, d, lora_rank=r, rngs=rngs)
+            self.key = linear(d, d, lora_rank=r, rngs=rngs)
+            self.value = linear(d, d, lora_rank=r, rngs=rngs)
+            self.out = linear(d, d, lora_rank=r, rngs=rngs)
+            self.up = linear(d, f, lora_rank=r, rngs=rngs)
+            self.down = linear(f, d, lora_rank=r, rngs=rngs)
 
         def __call__(self, x):
             return block(

@@ -10,9 +10,11 @@ Example:
 
 from jlora import io as io
 from jlora import layouts as layouts
+from jlora import multi_adapter as multi_adapter
 from jlora import optim as optim
 from jlora import paths as paths
 from jlora import peft as peft
+from jlora import quantization as quantization
 from jlora import scaling as scaling
 from jlora import sharding as sharding
 from jlora import variants as variants

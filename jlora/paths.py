@@ -91,7 +91,14 @@ def keypath_to_str(keypath: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def _is_kernel_leaf(x: Any) -> bool:
+    # A pytree that stands for one kernel (jlora.quantization.QuantizedKernel) is one leaf
+    # here, so its path is the kernel's path, not the paths of the arrays it holds.
+    return getattr(type(x), "__jlora_kernel__", False) is True
+
+
 def _flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
+    is_leaf = is_leaf or _is_kernel_leaf
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(keypath_to_str(kp), leaf) for kp, leaf in leaves], treedef
 
@@ -114,7 +121,7 @@ def tree_map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTre
       {'a': 'a', 'b': {'c': 'b/c'}}
     """
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x, *r: fn(keypath_to_str(kp), x, *r), tree, *rest
+        lambda kp, x, *r: fn(keypath_to_str(kp), x, *r), tree, *rest, is_leaf=_is_kernel_leaf
     )
 
 

@@ -46,8 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import _factored_ops as _fops
 from jlora import _jax_compat as jc
 from jlora import paths as paths_lib
+from jlora import quantization as quant_lib
 from jlora.adapter import Adapter, Adapters
 from jlora.initializers import kernel_key
 from jlora.layouts import Layout, LayoutError, resolve_layout
@@ -92,6 +94,8 @@ class _Meta:
     roles: str  # one layout letter per axis of the current view of W
     dtype: Any  # the dtype the program sees; W itself stays in its parameter dtype
     scale: float
+    # One array of a quantized kernel before the model's `dequantize`: (field, statics).
+    part: tuple | None = None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -129,6 +133,38 @@ class _Factored:
             dtype=self.meta.dtype if dtype is None else dtype,
         )
         return _Factored(w, **fields, meta=meta)
+
+
+def _is_lazy(x) -> bool:
+    """A kernel whose W is still quantized: dequantized only where it is consumed."""
+    return isinstance(x, _Factored) and quant_lib.is_quantized(x.w)
+
+
+def _is_part(x) -> bool:
+    """One array of a quantized kernel, on its way to the model's ``dequantize`` call."""
+    return isinstance(x, _Factored) and x.meta.part is not None
+
+
+def _dense(w):
+    return w.dequantized() if quant_lib.is_quantized(w) else w
+
+
+def _bind_with_kernel(eqn, fv: _Factored, ops: list, k: int) -> list:
+    """``eqn`` on ``ops`` with ``fv``'s kernel W (in the program's dtype) as operand ``k``.
+
+    A quantized W is dequantized right here, inside ``jax.checkpoint``: the backward pass
+    dequantizes it again instead of keeping the float kernel as a residual, so neither a
+    whole float kernel per layer of a stack nor one per layer of the model is kept.
+    """
+    others = [x for i, x in enumerate(ops) if i != k]
+
+    def product(w, *others):
+        w = _dense(w).astype(fv.meta.dtype)
+        return jc.bind_eqn(eqn, [*others[:k], w, *others[k:]])
+
+    if not quant_lib.is_quantized(fv.w):
+        return product(fv.w, *others)
+    return jax.checkpoint(product)(fv.w, *others)
 
 
 def _positions(roles: str, field: str) -> list[int | None]:
@@ -181,8 +217,9 @@ def _align(x, x_letters: str, out_letters: str):
 
 def _merged_view(fv: _Factored):
     """``W + s·A·B`` (DoRA: times ``m``) for this view, as ``merge`` computes it."""
+    w = _dense(fv.w)
     if not fv.adapted:
-        return fv.w.astype(fv.meta.dtype)
+        return w.astype(fv.meta.dtype)
     letters = _LETTERS[: len(fv.roles) + 1]
     w_l, r_l = letters[:-1], letters[-1]
     a_l = _field_letters(fv.roles, "a", w_l, r_l)
@@ -191,10 +228,10 @@ def _merged_view(fv: _Factored):
         f"{a_l},{b_l}->{w_l}", fv.a.astype(jnp.float32), fv.b.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     )
-    merged = fv.w.astype(jnp.float32) + fv.meta.scale * product
+    merged = w.astype(jnp.float32) + fv.meta.scale * product
     if fv.m is not None:
         merged = merged * _align(fv.m, _field_letters(fv.roles, "m", w_l, r_l), w_l)
-    return merged.astype(fv.w.dtype).astype(fv.meta.dtype)
+    return merged.astype(w.dtype).astype(fv.meta.dtype)
 
 
 def _combine(base, branch, factor, dropped):
@@ -370,6 +407,8 @@ class _Run:
     rates: dict = dataclasses.field(default_factory=dict)  # {path: dropout rate}
     report: dict = dataclasses.field(default_factory=dict)
     uses: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    custom_vjp: bool = False  # factored dots through jlora._factored_ops (see `lora`)
+    fuse_shared_inputs: bool = False  # kernels dotted with the same input share x·[A|A'|..]
 
     def mark(self, path: str, status: str) -> None:
         if status == FACTORED:
@@ -389,6 +428,11 @@ class _Interpreter:
     def __init__(self, run: _Run):
         self.run = run
         self.collected: dict[str, list] = collections.defaultdict(list)
+        # Shared-input fusion: the jaxprs being evaluated (innermost last) as
+        # (jaxpr, index of the current equation, env), and outputs computed ahead of time
+        # for later equations, keyed by (id(jaxpr), equation index).
+        self.frames: list = []
+        self.pending: dict = {}
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -406,19 +450,27 @@ class _Interpreter:
             write(v, x)
         for v, x in zip(jaxpr.invars, args, strict=True):
             write(v, x)
-        for eqn in jaxpr.eqns:
-            invals = [read(v) for v in eqn.invars]
-            if any(isinstance(x, _Factored) for x in invals):
-                outs = self.factored_eqn(eqn, invals)
-            else:
-                outs = jc.bind_eqn(eqn, invals)
+        frame = [jaxpr, 0, env]
+        self.frames.append(frame)
+        for i, eqn in enumerate(jaxpr.eqns):
+            frame[1] = i
+            outs = self.pending.pop((id(jaxpr), i), None)
+            if outs is None:
+                invals = [read(v) for v in eqn.invars]
+                if any(isinstance(x, _Factored) for x in invals):
+                    outs = self.factored_eqn(eqn, invals)
+                else:
+                    outs = jc.bind_eqn(eqn, invals)
             for v, x in zip(eqn.outvars, outs, strict=True):
                 write(v, x)
+        self.frames.pop()
         return [read(v) for v in jaxpr.outvars]
 
     def materialise(self, x, reason: str):
         if not isinstance(x, _Factored):
             return x
+        if _is_part(x):
+            return self.part_value(x, reason)
         if x.adapted:
             self.run.mark(x.meta.path, reason)
         return _merged_view(x)
@@ -431,6 +483,13 @@ class _Interpreter:
         return jc.bind_eqn(eqn, self.materialise_all(invals, reason))
 
     def factored_eqn(self, eqn, invals) -> list:
+        if any(_is_part(x) or _is_lazy(x) for x in invals):
+            out = self.quantized_eqn(eqn, invals)
+            if out is not None:
+                return out
+            invals = self.settle_quantized(eqn, invals)
+            if not any(isinstance(x, _Factored) for x in invals):
+                return jc.bind_eqn(eqn, invals)
         rule = _rules().get(eqn.primitive)
         if rule is None:
             return self.fallback(eqn, invals)
@@ -438,6 +497,128 @@ class _Interpreter:
             return rule(self, eqn, invals)
         except _Unsupported as e:
             return self.fallback(eqn, invals, str(e))
+
+    # -- quantized kernels (jlora.quantization) ---------------------------------------
+    #
+    # A quantized kernel enters as one "part" per array (its path and field in meta.part);
+    # structural equations (jit, scan, remat, cond, while) carry the parts like any
+    # factored value. The model's `dequantize` call turns them into one factored value
+    # whose W is the QuantizedKernel itself ("lazy"); consumers dequantize it (see
+    # _bind_with_kernel), slicing a layer out of a stack slices the quantized arrays, and
+    # any other equation gets the float kernel.
+
+    def part_value(self, x: _Factored, reason: str):
+        """A quantized kernel's raw array where the program uses it as such."""
+        if x.adapted:
+            where = reason.removeprefix("materialised: ")
+            raise ValueError(
+                f"jlora.lora: the adapted quantized kernel at path {x.meta.path!r} is used as "
+                f"its raw `{x.meta.part[0]}` array ({where}), so the adapter cannot be "
+                "applied. Read quantized kernels only through "
+                "jlora.quantization.dequantize(kernel) and use the float kernel it returns."
+            )
+        return x.w
+
+    def quantized_eqn(self, eqn, invals) -> list | None:
+        """Equations that keep a quantized kernel quantized; None for the others."""
+        prim = eqn.primitive
+        if (prim is jc.jit_p and eqn.params.get("name") == quant_lib.DEQUANTIZE_NAME
+                and any(map(_is_part, invals))):
+            return self.rule_dequantize(eqn, invals)
+        if prim in (jc.slice_p, jc.dynamic_slice_p, jc.squeeze_p) and isinstance(
+                invals[0], _Factored):
+            return self.stacked_move(eqn, invals)
+        if prim in (jc.copy_p, jc.sharding_constraint_p, jc.name_p) and _is_lazy(invals[0]):
+            return [invals[0]]
+        return None
+
+    def settle_quantized(self, eqn, invals) -> list:
+        """Parts become raw arrays and lazy kernels float ones, except where they can stay."""
+        prim = eqn.primitive
+        if prim in (jc.jit_p, jc.closed_call_p, jc.remat_p, jc.scan_p, jc.cond_p, jc.while_p):
+            return invals
+        consumer = prim in (jc.dot_general_p, jc.conv_general_dilated_p, jc.gather_p,
+                            jc.convert_element_type_p)
+        out = []
+        for x in invals:
+            if _is_part(x):
+                x = self.part_value(x, f"it reaches {_describe(eqn)}")
+            elif _is_lazy(x) and not consumer:
+                x = x.replace(x.w.dequantized())
+            out.append(x)
+        return out
+
+    def rule_dequantize(self, eqn, invals):
+        """The model's ``dequantize(kernel)``: one factored value whose W stays quantized."""
+        first = invals[0]
+        if not all(_is_part(x) and x.meta.path == first.meta.path for x in invals):
+            reason = f"its arrays reach {_describe(eqn)} mixed with other arrays"
+            return jc.bind_eqn(eqn, self.materialise_all(invals, reason))
+        qk = quant_lib.QuantizedKernel.from_fields(
+            first.meta.part[1], {x.meta.part[0]: x.w for x in invals}
+        )
+        meta = dataclasses.replace(first.meta, part=None, dtype=eqn.outvars[0].aval.dtype)
+        return [_Factored(qk, first.a, first.b, first.m, first.keys, first.index, meta=meta)]
+
+    def stacked_move(self, eqn, invals) -> list | None:
+        """A slice or squeeze of leading stacked axes only (a layer out of a stack), done on
+        the quantized arrays so that only that layer is ever dequantized."""
+        fv, *rest = invals
+        if not (_is_lazy(fv) or _is_part(fv)) or any(isinstance(x, _Factored) for x in rest):
+            return None
+        ns = len(fv.roles) - len(fv.roles.lstrip("s"))
+        operand = tuple(eqn.invars[0].aval.shape)  # the kernel view, or a part's own array
+        if _is_lazy(fv):
+            kernel = tuple(fv.w.shape)
+        else:
+            kernel = tuple(fv.w.shape[:ns]) + tuple(fv.meta.part[1][2])
+        shim = fv.replace(jax.ShapeDtypeStruct(kernel, fv.meta.dtype))
+        p, prim, tail = eqn.params, eqn.primitive, len(kernel) - ns
+        try:
+            if prim is jc.squeeze_p:
+                dims = tuple(p["dimensions"])
+                if any(d >= ns for d in dims):
+                    return None
+
+                def move(arr):
+                    return jax.lax.squeeze(arr, dims)
+
+                new_kernel = [n for k, n in enumerate(kernel) if k not in dims]
+                view = functools.partial(_move_reshape, shim, new_shape=new_kernel)
+            elif prim is jc.slice_p:
+                start, limit = p["start_indices"], p["limit_indices"]
+                strides = p["strides"] or (1,) * len(start)
+                if any((start[k], limit[k], strides[k]) != (0, operand[k], 1)
+                       for k in range(ns, len(operand))):
+                    return None
+
+                def move(arr):
+                    n = arr.ndim - ns
+                    return jax.lax.slice(arr, (*start[:ns], *[0] * n),
+                                         (*limit[:ns], *arr.shape[ns:]), (*strides[:ns], *[1] * n))
+
+                view = functools.partial(
+                    _move_slice, shim, start=(*start[:ns], *[0] * tail),
+                    limit=(*limit[:ns], *kernel[ns:]), strides=(*strides[:ns], *[1] * tail),
+                )
+            else:  # dynamic_slice
+                sizes = p["slice_sizes"]
+                if len(rest) != len(operand) or any(
+                        sizes[k] != operand[k] for k in range(ns, len(operand))):
+                    return None
+                zero = jnp.zeros((), jnp.asarray(rest[0]).dtype)
+
+                def move(arr):
+                    return jax.lax.dynamic_slice(arr, [*rest[:ns], *[zero] * (arr.ndim - ns)],
+                                                 [*sizes[:ns], *arr.shape[ns:]])
+
+                view = functools.partial(
+                    _move_dynamic_slice, shim, starts=[*rest[:ns], *[zero] * tail],
+                    sizes=[*sizes[:ns], *kernel[ns:]],
+                )
+            return [view(w=jax.tree.map(move, fv.w))]
+        except _Unsupported:
+            return None
 
     # -- dropout ---------------------------------------------------------------------
 
@@ -475,8 +656,11 @@ class _Interpreter:
             raise _Unsupported("it contracts over part of the kernel's fan-in or fan-out axes")
         if fv.m is not None and group != "i":
             raise _Unsupported("DoRA kernels are factored only when contracting their fan-in")
-        w = fv.w.astype(fv.meta.dtype)
-        base_ops = [w, x] if kernel_is_lhs else [x, w]
+        k_pos = 0 if kernel_is_lhs else 1
+
+        def with_kernel(x):
+            return _bind_with_kernel(eqn, fv, [None, x] if kernel_is_lhs else [x, None], k_pos)
+
         letters = iter(_LETTERS)
         w_l, x_l = [""] * len(roles), [""] * x.ndim
         for xa, ka in [*zip(x_con, k_con, strict=True), *zip(x_bat, k_bat, strict=True)]:
@@ -490,8 +674,7 @@ class _Interpreter:
             self.consumed(fv)
             if group == "i" and fv.index is not None:
                 self.collect(fv, x, x_l, w_l, k_bat)
-            return jc.bind_eqn(eqn, base_ops)
-        (base,) = jc.bind_eqn(eqn, base_ops)
+            return with_kernel(x)
         lhs_l, rhs_l = (w_l, x_l) if kernel_is_lhs else (x_l, w_l)
         lhs_con, lhs_bat = (k_con, k_bat) if kernel_is_lhs else (x_con, x_bat)
         rhs_con, rhs_bat = (x_con, x_bat) if kernel_is_lhs else (k_con, k_bat)
@@ -511,6 +694,26 @@ class _Interpreter:
             preferred_element_type=eqn.params.get("preferred_element_type"),
         )
         x_in = self.branch_input(fv, x)
+        # (A quantized kernel takes the path below: W is dequantized inside the checkpoint.)
+        if self.run.custom_vjp and fv.m is None and not _is_lazy(fv):
+            w = fv.w.astype(fv.meta.dtype)
+            # The same x·W + s·((x·A)·B), with a backward pass laid out for XLA (see
+            # jlora/_factored_ops.py).
+            spec = _fops.DotSpec(
+                "".join(x_l), g_l, "".join(t_l), h_l, "".join(out_l), fv.meta.scale,
+                eqn.params["dimension_numbers"], kw["precision"],
+                kw["preferred_element_type"], kernel_is_lhs, r_l,
+            )
+            peers = self.shared_input_peers(eqn, fv, kernel_is_lhs) if x_in is x else []
+            if peers:
+                return self.fused_dots(spec, x, [(None, fv), *peers], g_field, h_field)
+            self.consumed(fv)
+            return [_fops.factored_dot(
+                spec, x, None if x_in is x else x_in, w,
+                getattr(fv, g_field).astype(fv.meta.dtype),
+                getattr(fv, h_field).astype(fv.meta.dtype),
+            )]
+        (base,) = with_kernel(x)
         t = jnp.einsum(
             f"{''.join(x_l)},{g_l}->{''.join(t_l)}",
             x_in, getattr(fv, g_field).astype(fv.meta.dtype), **kw,
@@ -524,9 +727,53 @@ class _Interpreter:
         if fv.m is not None:
             factor = _align(fv.m, _field_letters(roles, "m", w_l, r_l), "".join(out_l))
             if x_in is not x:
-                (dropped,) = jc.bind_eqn(eqn, [w, x_in] if kernel_is_lhs else [x_in, w])
+                (dropped,) = with_kernel(x_in)
         self.consumed(fv)
         return [_combine(base, branch, factor, dropped)]
+
+    def shared_input_peers(self, eqn, fv: _Factored, kernel_is_lhs: bool) -> list:
+        """Later dots in this jaxpr that read the same input with another adapted kernel
+        already at hand, in the same way (q, k, v; gate and up): ``[(index, kernel)]``."""
+        if not (self.run.fuse_shared_inputs and self.frames) or fv.keys is not None:
+            return []
+        jaxpr, here, env = self.frames[-1]
+        k_pos = 0 if kernel_is_lhs else 1
+        x_var = eqn.invars[1 - k_pos]
+        if isinstance(x_var, jc.Literal):
+            return []
+        peers = []
+        for j in range(here + 1, len(jaxpr.eqns)):
+            other = jaxpr.eqns[j]
+            if other.primitive is not eqn.primitive or other.params != eqn.params:
+                continue
+            k_var = other.invars[k_pos]
+            if other.invars[1 - k_pos] is not x_var or isinstance(k_var, jc.Literal):
+                continue
+            peer = env.get(k_var)
+            if (isinstance(peer, _Factored) and peer.adapted and peer.m is None
+                    and peer.keys is None and not _is_lazy(peer) and peer.roles == fv.roles
+                    and peer.meta.dtype == fv.meta.dtype and peer.w.dtype == fv.w.dtype
+                    and peer is not fv and all(p is not peer for _, p in peers)):
+                peers.append((j, peer))
+        return peers
+
+    def fused_dots(self, spec, x, members, g_field: str, h_field: str) -> list:
+        """The factored dots of ``members`` (``[(equation index or None, kernel)]``, the
+        current equation first) as one :func:`jlora._factored_ops.factored_dots`; the
+        later equations' outputs wait in ``pending``."""
+        fvs = [fv for _, fv in members]
+        ys = _fops.factored_dots(
+            spec, tuple(fv.meta.scale for fv in fvs), x,
+            [fv.w.astype(fv.meta.dtype) for fv in fvs],
+            [getattr(fv, g_field).astype(fv.meta.dtype) for fv in fvs],
+            [getattr(fv, h_field).astype(fv.meta.dtype) for fv in fvs],
+        )
+        jaxpr = self.frames[-1][0]
+        for (j, fv), y in zip(members, ys, strict=True):
+            self.consumed(fv)  # (no dropout in a fused group, so the order is immaterial)
+            if j is not None:
+                self.pending[(id(jaxpr), j)] = [y]
+        return [ys[0]]
 
     def collect(self, fv: _Factored, x, x_l, w_l, k_bat) -> None:
         """Record the input reaching a listed kernel: ``(*batched stacked, N, fan_in)``."""
@@ -573,7 +820,7 @@ class _Interpreter:
         fan_out = [k for k, r in enumerate(fv.roles) if _CATEGORY[r] == "o"]
         if "s" in {_CATEGORY[r] for r in fv.roles} or fan_out != [rhs_spec[0]]:
             raise _Unsupported("the filter's output-feature axis is not its fan-out axis")
-        (base,) = jc.bind_eqn(eqn, [x, fv.w.astype(fv.meta.dtype)])
+        (base,) = _bind_with_kernel(eqn, fv, [x, None], 1)
         if not fv.adapted:
             self.consumed(fv)
             if fv.index is not None:
@@ -594,7 +841,7 @@ class _Interpreter:
             shape[out_spec[1]] = fv.m.shape[0]
             factor = fv.m.reshape(shape)
             if x_in is not x:
-                (dropped,) = jc.bind_eqn(eqn, [x_in, fv.w.astype(fv.meta.dtype)])
+                (dropped,) = _bind_with_kernel(eqn, fv, [x_in, None], 1)
         self.consumed(fv)
         return [_combine(base, branch, factor, dropped)]
 
@@ -619,7 +866,7 @@ class _Interpreter:
         )
         if not untouched:
             raise _Unsupported("the gather indexes the kernel's feature axis")
-        (base,) = jc.bind_eqn(eqn, [fv.w.astype(fv.meta.dtype), indices])
+        (base,) = _bind_with_kernel(eqn, fv, [None, indices], 0)
         if not fv.adapted:
             self.consumed(fv)
             return [base]
@@ -865,6 +1112,22 @@ class _Traced:
     dynamic: list  # for each leaf of (params, args, kwargs): True if a jaxpr input
     param_paths: list  # for each jaxpr input: its path in params, or None (an argument)
     jitted: Any = None  # the interpretation under jax.jit, built on first use by `lora`
+    # for each jaxpr input: (field, statics) if it is an array of a quantized kernel
+    param_parts: list | None = None
+
+
+def _param_leaf_info(params) -> list:
+    """``(path, part)`` per leaf of ``params``; a quantized kernel's arrays all get the
+    kernel's path and ``part = (field, statics)``, the others ``part = None``."""
+    out = []
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=quant_lib.is_quantized)[0]
+    for kp, node in flat:
+        path = paths_lib.keypath_to_str(kp)
+        if quant_lib.is_quantized(node):
+            out += [(path, (field, node.statics())) for field in node.fields()]
+        else:
+            out.append((path, None))
+    return out
 
 
 def _trace(fn, cache: collections.OrderedDict | None, params, args, kwargs):
@@ -893,12 +1156,10 @@ def _trace(fn, cache: collections.OrderedDict | None, params, args, kwargs):
         return out_leaves
 
     closed = jc.make_closed_jaxpr(flat_fn, avals)
-    param_keypaths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    param_paths = [
-        paths_lib.keypath_to_str(param_keypaths[i]) if i < len(param_keypaths) else None
-        for i, d in enumerate(dynamic) if d
-    ]
-    traced = _Traced(closed, out_tree[0], dynamic, param_paths)
+    info = _param_leaf_info(params)
+    param_paths = [info[i][0] if i < len(info) else None for i, d in enumerate(dynamic) if d]
+    param_parts = [info[i][1] if i < len(info) else None for i, d in enumerate(dynamic) if d]
+    traced = _Traced(closed, out_tree[0], dynamic, param_paths, param_parts=param_parts)
     # A jaxpr that closes over a tracer of an enclosing transformation is valid only there.
     if cache is not None and key is not None and not any(map(jc.is_tracer, closed.consts)):
         cache[key] = traced
@@ -926,7 +1187,7 @@ def _entry(path: str, w, adapter: Adapter | None, layout: Layout, run: _Run):
             )
         from jlora import variants  # DoRA's norm lives with the other variant code
 
-        norm = variants.dora_norm(w, adapter)
+        norm = variants.dora_norm(_dense(w), adapter)
         m = adapter.magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
     keys = None
     # PEFT's Embedding LoRA has no dropout: its inputs are ids, not activations.
@@ -940,6 +1201,35 @@ def _entry(path: str, w, adapter: Adapter | None, layout: Layout, run: _Run):
     return _Factored(w, adapter.a, adapter.b, m, keys, None, meta=meta)
 
 
+def _quantized_entries(traced: _Traced, values, adapters, run: _Run, layouts) -> dict:
+    """``{path: factored value}`` of each quantized kernel in params (W still quantized);
+    its arrays enter the interpreter as parts of it. Kernels without adapters enter too,
+    so that they are also dequantized only where they are consumed."""
+    arrays, statics = collections.defaultdict(dict), {}
+    for x, path, part in zip(values, traced.param_paths, traced.param_parts, strict=True):
+        if part is not None:
+            arrays[path][part[0]] = x
+            statics[path] = part[1]
+    out = {}
+    for path, fields in arrays.items():
+        qk = quant_lib.QuantizedKernel.from_fields(statics[path], fields)
+        layout = adapters[path].layout if path in adapters else (layouts or {}).get(path)
+        if layout is not None and layout.num_stacked != qk.num_stacked:
+            raise ValueError(
+                f"The quantized kernel at path {path!r} has {qk.num_stacked} stacked axes but "
+                f"its layout {layout.axes!r} has {layout.num_stacked}: quantize it with "
+                f"layout={layout.axes!r} so that every layer has its own scales."
+            )
+        if path in adapters:
+            out[path] = _entry(path, qk, adapters[path], layout, run)
+        elif layout is not None:
+            out[path] = _entry(path, qk, None, layout, run)
+        else:
+            meta = _Meta(path, "s" * qk.num_stacked + qk.layout, qk.dtype, 1.0)
+            out[path] = _Factored(qk, None, None, None, None, None, meta=meta)
+    return out
+
+
 def _interpret(traced: _Traced, values, consts, adapters, run: _Run, layouts=None):
     """Evaluate ``traced`` with the listed kernels factored: ``(outputs, interpreter)``.
 
@@ -947,9 +1237,14 @@ def _interpret(traced: _Traced, values, consts, adapters, run: _Run, layouts=Non
     layouts of kernels to watch without adapters.
     """
     interp = _Interpreter(run)
+    quantized = _quantized_entries(traced, values, adapters, run, layouts)
     entered = []
-    for x, path in zip(values, traced.param_paths, strict=True):
-        if path is not None and path in adapters:
+    for x, path, part in zip(values, traced.param_paths, traced.param_parts, strict=True):
+        if part is not None:
+            fv = quantized[path]
+            meta = dataclasses.replace(fv.meta, part=part)
+            x = _Factored(x, fv.a, fv.b, fv.m, fv.keys, fv.index, meta=meta)
+        elif path is not None and path in adapters:
             x = _entry(path, x, adapters[path], adapters[path].layout, run)
         elif path is not None and layouts and path in layouts:
             x = _entry(path, x, None, layouts[path], run)
@@ -1005,7 +1300,8 @@ def _check_fn(fn) -> None:
         raise TypeError(f"`fn` must be a callable fn(params, *args), got {type(fn).__name__}.")
 
 
-def lora(fn: Callable, *, deterministic: bool | None = None) -> Callable:
+def lora(fn: Callable, *, deterministic: bool | None = None, custom_vjp: bool = True,
+         fuse_shared_inputs: bool = True) -> Callable:
     """Transform ``fn(params, *args, **kwargs)`` into ``g(params, adapters, *args, **kwargs)``.
 
     ``g`` returns ``fn(jlora.merge(params, adapters), *args, **kwargs)`` (and so do its
@@ -1025,6 +1321,14 @@ def lora(fn: Callable, *, deterministic: bool | None = None) -> Callable:
       fn: any JAX function whose first argument is a parameter pytree (a linen ``apply``,
         a function that calls ``nnx.merge(graphdef, state)``, plain JAX).
       deterministic: the default for ``lora_deterministic`` (see above).
+      custom_vjp: compute each factored dot's backward pass by hand
+        (``jlora/_factored_ops.py``: same values, laid out for XLA, keeps ``x·A`` instead
+        of extra copies); faster train steps. ``False`` leaves the derivative to JAX,
+        which forward-mode differentiation (``jax.jvp``, ``jax.jacfwd``) needs.
+      fuse_shared_inputs: with ``custom_vjp``, adapted kernels dotted with the same input
+        in the same way (query, key and value; gate and up) share one ``x·[A_q|A_k|A_v]``
+        matmul forward and one ``xᵀ·[u_q|u_k|u_v]`` backward, reading ``x`` once (not for
+        kernels with dropout or DoRA).
 
     Returns:
       ``g(params, adapters, *args, lora_rng=None, lora_deterministic=None, **kwargs)``.
@@ -1046,7 +1350,8 @@ def lora(fn: Callable, *, deterministic: bool | None = None) -> Callable:
 
     def interpret(traced, values, consts, adapters, rng):
         # Runs when jax.jit traces it: once per signature, so the warnings come once too.
-        run = _Run(rng=rng)
+        run = _Run(rng=rng, custom_vjp=custom_vjp,
+                   fuse_shared_inputs=custom_vjp and fuse_shared_inputs)
         out, _ = _interpret(traced, values, consts, adapters, run)
         for path, status in run.report.items():
             if status != FACTORED and path not in warned:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jlora.layouts import Layout
 
-__all__ = ["Adapter", "Adapters", "is_adapter"]
+__all__ = ["Adapter", "Adapters", "check_adapters", "is_adapter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +135,28 @@ def is_adapter(x) -> bool:
       False
     """
     return isinstance(x, Adapter)
+
+
+def check_adapters(adapters) -> None:
+    """Refuse anything but the ``{path string: Adapter}`` dict that :func:`jlora.init` returns.
+
+    Abstract adapters (from ``jax.eval_shape``) pass too: only the container is checked.
+
+    Example:
+      >>> check_adapters([])
+      Traceback (most recent call last):
+      ...
+      TypeError: `adapters` must be the dict {path: Adapter} that jlora.init returns, got list.
+    """
+    if not isinstance(adapters, dict):
+        raise TypeError(
+            f"`adapters` must be the dict {{path: Adapter}} that jlora.init returns, got "
+            f"{type(adapters).__name__}."
+        )
+    for path, adapter in adapters.items():
+        if not isinstance(path, str):
+            raise TypeError(f"Adapter keys must be path strings, got {path!r}.")
+        if not isinstance(adapter, Adapter):
+            raise TypeError(
+                f"`adapters[{path!r}]` must be a jlora Adapter, got {type(adapter).__name__}."
+            )

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
-from jlora.adapter import Adapter, Adapters
+from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.files import AdapterFormatError as AdapterFormatError
 from jlora.files import (
     interrupted_copy,
@@ -104,21 +104,6 @@ def _version() -> str:
     return jlora.__version__
 
 
-def _check_adapters(adapters: Adapters) -> None:
-    if not isinstance(adapters, Mapping):
-        raise TypeError(
-            f"`adapters` must be the dict {{path: Adapter}} that jlora.init returns, got "
-            f"{type(adapters).__name__}."
-        )
-    for path, adapter in adapters.items():
-        if not isinstance(path, str):
-            raise TypeError(f"Adapter keys must be path strings, got {path!r}.")
-        if not isinstance(adapter, Adapter):
-            raise TypeError(
-                f"`adapters[{path!r}]` must be a jlora Adapter, got {type(adapter).__name__}."
-            )
-
-
 def _tensor_entry(x) -> dict:
     return {"shape": [int(n) for n in x.shape], "dtype": np.dtype(x.dtype).name}
 
@@ -138,7 +123,7 @@ def adapter_metadata(adapters: Adapters) -> dict:
       >>> meta["adapters"]["k"]["policy"], meta["adapters"]["k"]["tensors"]["a"]
       ('rslora', {'shape': [4, 2], 'dtype': 'float32'})
     """
-    _check_adapters(adapters)
+    check_adapters(adapters)
     kernels = {}
     for path, ad in adapters.items():
         _check_scale(ad.policy, ad.rank, ad.alpha, ad.scale, f"the adapter at path {path!r}")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import paths as paths_lib
-from jlora.adapter import Adapter, Adapters
+from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.layouts import Layout
 
 __all__ = ["check_adapters_fit", "delta", "merge", "safe_merge", "unmerge"]
@@ -33,17 +33,9 @@ def check_adapters_fit(params, adapters: Adapters) -> dict:
       >>> sorted(check_adapters_fit(p, ads))
       ['d/kernel']
     """
-    if not isinstance(adapters, dict):
-        raise TypeError(
-            f"`adapters` must be the dict {{path: Adapter}} that jlora.init returns, got "
-            f"{type(adapters).__name__}."
-        )
+    check_adapters(adapters)
     flat = paths_lib.select(params, ".*", allow_empty=True)
     for path, adapter in adapters.items():
-        if not isinstance(adapter, Adapter):
-            raise TypeError(
-                f"`adapters[{path!r}]` must be a jlora Adapter, got {type(adapter).__name__}."
-            )
         adapter.validate(path)
         if path not in flat:
             near = ", ".join(repr(p) for p in paths_lib.nearest_paths(path, flat, n=3))

@@ -79,7 +79,7 @@ import numpy as np
 
 from jlora import paths as paths_lib
 from jlora import scaling as scaling_lib
-from jlora.adapter import Adapter, Adapters
+from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.config import LoraConfig
 from jlora.files import (
     interrupted_copy,
@@ -602,16 +602,9 @@ def export(
       >>> {k: v.shape for k, v in tensors.items()}
       {'base_model.model.proj.lora_A.weight': (2, 8), 'base_model.model.proj.lora_B.weight': (4, 2)}
     """
-    if not isinstance(adapters, dict):
-        raise TypeError(
-            f"`adapters` must be the dict {{path: Adapter}} that jlora.init returns, got "
-            f"{type(adapters).__name__}."
-        )
+    check_adapters(adapters)
     if not adapters:
         raise ValueError("`adapters` is empty: there is nothing to export.")
-    for p, ad in adapters.items():
-        if not isinstance(ad, Adapter):
-            raise TypeError(f"`adapters[{p!r}]` must be a jlora Adapter, got {type(ad).__name__}.")
     variants = {ad.variant for ad in adapters.values()}
     if len(variants) > 1:
         dora = sorted(p for p, ad in adapters.items() if ad.variant == "dora")

@@ -47,7 +47,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlora import paths as paths_lib
-from jlora.adapter import Adapter, Adapters, is_adapter
+from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.layouts import Layout
 
 __all__ = [
@@ -241,16 +241,8 @@ def _axis_names(spec: PartitionSpec) -> set[str]:
     return names
 
 
-def _check_adapters(adapters: Any) -> None:
-    if not isinstance(adapters, dict) or not all(is_adapter(a) for a in adapters.values()):
-        raise TypeError(
-            "`adapters` must be the dict {path: Adapter} that jlora.init returns (or its "
-            f"jax.eval_shape), got {type(adapters).__name__}."
-        )
-
-
 def _map_adapters(adapters: Adapters, shardings: Any, rules, to_leaf) -> dict:
-    _check_adapters(adapters)
+    check_adapters(adapters)
     flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_leaf)
     by_path = {paths_lib.keypath_to_str(kp): leaf for kp, leaf in flat}
     out = {}

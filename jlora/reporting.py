@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import jax
-
+from jlora import paths as paths_lib
 from jlora.adapter import Adapters
 from jlora.merging import check_adapters_fit
 
@@ -13,7 +12,10 @@ __all__ = ["summary"]
 
 
 def _count(tree) -> int:
-    return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree.leaves(tree))
+    # Path leaves, not array leaves: a quantized kernel counts as its float kernel's size,
+    # not as its packed storage.
+    leaves = paths_lib.select(tree, ".*", allow_empty=True).values()
+    return sum(math.prod(getattr(x, "shape", ())) for x in leaves)
 
 
 def summary(params, adapters: Adapters) -> str:

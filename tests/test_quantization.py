@@ -433,3 +433,12 @@ def test_merge_into_quantized_base(quantized, mix):
                           layout="s" * old.num_stacked + old.layout,
                           double_quant=old.double_quant)
         np.testing.assert_array_equal(leaf.values, redo.values)
+
+
+def test_summary_counts_a_quantized_kernel_as_its_float_kernel():
+    w = jax.random.normal(jax.random.key(0), (128, 64))
+    params = {"d": {"kernel": Q.quantize(w, "nf4")}}
+    adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=4))
+    trainable = 4 * (128 + 64)
+    assert jlora.summary(params, adapters).splitlines()[-1].startswith(
+        f"trainable params: {trainable:,} || all params: {128 * 64 + trainable:,} ||")

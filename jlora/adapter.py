@@ -47,6 +47,13 @@ class Adapter:
         here per kernel).
       variant: ``"lora"`` or ``"dora"``.
       dropout: PEFT's ``lora_dropout`` rate on the adapter branch's input (factored path).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> ad = jlora.init(jax.random.key(0), {"k": jnp.ones((8, 4))},
+      ...                 jlora.LoraConfig(rank=2, targets="k"))["k"]
+      >>> ad.kernel_shape, ad.scale, ad.num_params
+      ((8, 4), 4.0, 24)
     """
 
     a: jax.Array

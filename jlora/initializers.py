@@ -33,7 +33,15 @@ def kernel_key(key: jax.Array, path: str) -> jax.Array:
 
 
 def check_kernel_leaf(path: str, leaf, field: str = "targets") -> None:
-    """Refuse a targeted leaf that is not a floating-point kernel with two or more axes."""
+    """Refuse a targeted leaf that is not a floating-point kernel with two or more axes.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_kernel_leaf("dense/bias", jnp.zeros(4))
+      Traceback (most recent call last):
+      ...
+      ValueError: `targets` matched the leaf at path 'dense/bias' with shape (4,) ...
+    """
     shape = getattr(leaf, "shape", None)
     dtype = getattr(leaf, "dtype", None)
     if shape is None or dtype is None:

@@ -52,6 +52,15 @@ class AdapterBank:
     Attributes:
       adapters: ``{path: Adapter}``; ``a`` is ``(sets, *stacked, *fan_in, rank)`` etc.
       names: the name of each set, in stacking order (static).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"d": {"kernel": jnp.ones((8, 4))}}
+      >>> sets = {n: jlora.init(jax.random.key(i), params, jlora.LoraConfig(rank=2))
+      ...         for i, n in enumerate(["fr", "de"])}
+      >>> bank = jlora.multi_adapter.stack_adapters(sets)
+      >>> bank.names, bank.select("de")["d/kernel"].a.shape
+      (('fr', 'de'), (8, 2))
     """
 
     adapters: dict

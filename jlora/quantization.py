@@ -134,6 +134,13 @@ class QuantizedKernel:
       layer_shape: the shape of one layer of the kernel.
       dtype: the dtype :func:`dequantize` returns (the float kernel's dtype).
       block_size: NF4 values per block.
+
+    Example:
+      >>> import jax, jlora
+      >>> w = jax.random.normal(jax.random.key(0), (128, 64))
+      >>> qk = jlora.quantization.quantize(w, "int8")
+      >>> qk.shape, qk.scheme, jlora.quantization.dequantize(qk).shape
+      ((128, 64), 'int8', (128, 64))
     """
 
     values: jax.Array

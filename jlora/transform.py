@@ -433,6 +433,7 @@ class _Interpreter:
         # for later equations, keyed by (id(jaxpr), equation index).
         self.frames: list = []
         self.pending: dict = {}
+        self.dot_readers: dict = {}  # id(jaxpr) -> (jaxpr, {var: indices of dots reading it})
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -741,10 +742,19 @@ class _Interpreter:
         x_var = eqn.invars[1 - k_pos]
         if isinstance(x_var, jc.Literal):
             return []
+        cached = self.dot_readers.get(id(jaxpr))
+        if cached is None or cached[0] is not jaxpr:
+            readers = collections.defaultdict(list)
+            for j, e in enumerate(jaxpr.eqns):
+                if e.primitive is jc.dot_general_p:
+                    for v in e.invars:
+                        if not isinstance(v, jc.Literal):
+                            readers[v].append(j)
+            cached = self.dot_readers[id(jaxpr)] = (jaxpr, readers)
         peers = []
-        for j in range(here + 1, len(jaxpr.eqns)):
+        for j in cached[1].get(x_var, ()):
             other = jaxpr.eqns[j]
-            if other.primitive is not eqn.primitive or other.params != eqn.params:
+            if j <= here or other.params != eqn.params:
                 continue
             k_var = other.invars[k_pos]
             if other.invars[1 - k_pos] is not x_var or isinstance(k_var, jc.Literal):

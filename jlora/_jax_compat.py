@@ -141,3 +141,23 @@ def source_summary(eqn) -> str:
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # pragma: no cover - best effort, only for messages
         return ""
+
+
+def iter_eqns(jaxpr):
+    """Every equation of ``jaxpr`` and, recursively, of its sub-jaxprs (jit, scan, remat,
+    cond, custom_vjp, ...), in order. For inspecting traced programs (tests, reports).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> closed = jax.make_jaxpr(lambda x: jax.jit(jnp.sin)(x) * 2)(1.0)
+      >>> sorted({str(e.primitive) for e in iter_eqns(closed.jaxpr)})
+      ['jit', 'mul', 'sin']
+    """
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else [value]:
+                if isinstance(sub, ClosedJaxpr):
+                    yield from iter_eqns(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    yield from iter_eqns(sub)

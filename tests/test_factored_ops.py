@@ -84,24 +84,12 @@ def test_values_and_grads_equal_merge(case, options, jit):
         np.testing.assert_allclose(g_leaf, w_leaf, **TOL)
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of all its sub-jaxprs (jit, scan, remat, custom_vjp)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else [value]:
-                if isinstance(sub, jc.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, jc.Jaxpr):
-                    yield from _eqns(sub)
-
-
 @pytest.mark.parametrize("fuse", [True, False])
 def test_shared_input_kernels_share_one_thin_matmul(case, fuse):
     params, ads, x = case
     g = jlora.lora(attention_like, fuse_shared_inputs=fuse)
     step = jax.jit(jax.grad(lambda a: jnp.sum(g(params, a, x) ** 2)))
-    eqns = list(_eqns(jax.make_jaxpr(step)(ads).jaxpr))
+    eqns = list(jc.iter_eqns(jax.make_jaxpr(step)(ads).jaxpr))
     dots = [tuple(e.outvars[0].aval.shape) for e in eqns if e.primitive is jc.dot_general_p]
     # x·[A_q|A_k|A_v] (rank 3·2 = 6 wide) once forward, [u_q|u_k|u_v]ᵀ·x once backward.
     fused = [s for s in dots if s in {(3, 4, 6), (6, 5)}]

@@ -309,22 +309,10 @@ def _on_merged(fn, params, adapters, *args):
     return jax.jit(lambda p, a, *args: fn(jlora.merge(p, a), *args))(params, adapters, *args)
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of all its sub-jaxprs (jit, scan, remat, cond, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else [value]:
-                if isinstance(sub, jc.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
-                elif isinstance(sub, jc.Jaxpr):
-                    yield from _eqns(sub)
-
-
 def test_remat_policy_is_kept():
     fn, params, ads, args = _case("scan_transformer")
     jaxpr = jax.make_jaxpr(lambda a: jlora.lora(fn)(params, a, *args))(ads).jaxpr
-    policies = [e.params["policy"] for e in _eqns(jaxpr) if e.primitive is jc.remat_p]
+    policies = [e.params["policy"] for e in jc.iter_eqns(jaxpr) if e.primitive is jc.remat_p]
     assert _SCAN_POLICY in policies
 
 
@@ -481,7 +469,7 @@ def test_traced_once_per_input_signature(dense):
 
 
 def _shapes_produced(jaxpr):
-    return {tuple(v.aval.shape) for e in _eqns(jaxpr) for v in e.outvars}
+    return {tuple(v.aval.shape) for e in jc.iter_eqns(jaxpr) for v in e.outvars}
 
 
 def test_no_kernel_sized_temporaries_in_the_train_step():

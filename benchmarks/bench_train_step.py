@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 import sys
 import time
 import warnings
@@ -225,21 +226,29 @@ def row_jlora_nnx(s: Setup, unroll: bool):
     return step, (s.adapters, state, s.x), lambda out: _adapter_grads(*out)
 
 
-def row_factored(s: Setup, unroll: bool):
-    model = common.Transformer(s.cfg, factored=True, unroll=unroll)
+def _lora_params_row(s: Setup, model, factor_pattern: str, kernel_of):
+    """A row for a model that holds its own LoRA factors as params (hand-written, qwix).
+
+    Its params are filled from jlora's base weights and adapters, so every row computes
+    the same function; ``kernel_of(factor path)`` names the adapted kernel's path.
+    """
     shapes = jax.eval_shape(model.init, jax.random.key(0), s.x)["params"]
+    base = jlora.paths.select(s.params, ".*")
 
     def fill(path, leaf):
-        if path.endswith(("/lora_a", "/lora_b")):
-            ad = s.adapters[path.rsplit("/", 1)[0] + "/kernel"]
+        if re.fullmatch(factor_pattern, path):
+            ad = s.adapters[kernel_of(path)]
             value = ad.a if path.endswith("a") else ad.b
         else:
-            value = jlora.paths.select(s.params, path)[path]
+            value = base[path]
         assert value.shape == leaf.shape, (path, value.shape, leaf.shape)
         return value
 
     full = jlora.paths.tree_map_with_path(fill, shapes)
-    lora, frozen = jlora.paths.partition(full, r".*/lora_[ab]")
+    n_lora = len(jlora.paths.select(full, factor_pattern, allow_empty=True))
+    if n_lora != 2 * len(s.adapters):
+        raise Unavailable(f"the model holds {n_lora} LoRA arrays, expected {2 * len(s.adapters)}")
+    lora, frozen = jlora.paths.partition(full, factor_pattern)
 
     def step(lora, frozen, x):
         def loss(lora):
@@ -250,12 +259,16 @@ def row_factored(s: Setup, unroll: bool):
 
     def canon(out):
         loss, grads = out
-        flat = jlora.paths.select(grads, r".*/lora_[ab]")
-        return {"loss": loss, **{
-            p.rsplit("/", 1)[0] + "/kernel/" + p[-1]: g for p, g in flat.items()
-        }}
+        flat = jlora.paths.select(grads, factor_pattern)
+        return {"loss": loss, **{kernel_of(p) + "/" + p[-1]: g for p, g in flat.items()}}
 
     return step, (lora, frozen, s.x), canon
+
+
+def row_factored(s: Setup, unroll: bool):
+    model = common.Transformer(s.cfg, factored=True, unroll=unroll)
+    return _lora_params_row(s, model, r".*/lora_[ab]",
+                            lambda path: path.rsplit("/", 1)[0] + "/kernel")
 
 
 def row_nnx(s: Setup, unroll: bool):
@@ -323,36 +336,7 @@ def row_qwix(s: Setup, unroll: bool):
         module_path=r".*(" + "|".join(common.ADAPTED) + r")", rank=cfg.rank, alpha=cfg.alpha
     )
     model = qwix.apply_lora_to_model(common.Transformer(cfg, unroll=unroll), provider)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), s.x)["params"]
-
-    def fill(path, leaf):
-        if path.endswith(("_lora_a", "_lora_b")):
-            ad = s.adapters[path[: -len("_lora_a")]]
-            value = ad.a if path.endswith("a") else ad.b
-        else:
-            value = jlora.paths.select(s.params, path)[path]
-        assert value.shape == leaf.shape, (path, value.shape, leaf.shape)
-        return value
-
-    full = jlora.paths.tree_map_with_path(fill, shapes)
-    n_lora = len(jlora.paths.select(full, r".*_lora_[ab]", allow_empty=True))
-    if n_lora != 2 * len(s.adapters):
-        raise Unavailable(f"qwix created {n_lora} LoRA arrays, expected {2 * len(s.adapters)}")
-    lora, frozen = jlora.paths.partition(full, r".*_lora_[ab]")
-
-    def step(lora, frozen, x):
-        def loss(lora):
-            params = jlora.paths.combine(lora, frozen)
-            return common.loss_of(model.apply({"params": params}, x), x)
-
-        return jax.value_and_grad(loss)(lora)
-
-    def canon(out):
-        loss, grads = out
-        flat = jlora.paths.select(grads, r".*_lora_[ab]")
-        return {"loss": loss, **{p[: -len("_lora_a")] + "/" + p[-1]: g for p, g in flat.items()}}
-
-    return step, (lora, frozen, s.x), canon
+    return _lora_params_row(s, model, r".*_lora_[ab]", lambda path: path[: -len("_lora_a")])
 
 
 def row_lorax(s: Setup, unroll: bool):

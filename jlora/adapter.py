@@ -69,15 +69,10 @@ class Adapter:
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
-        """The shape of the kernel these factors adapt."""
+        """The shape of the kernel these factors adapt (in the kernel's own axis order)."""
         ns = self.layout.num_stacked
-        fan_in = tuple(self.a.shape[ns:-1])
-        fan_out = tuple(self.b.shape[ns + 1 :])
-        shape = list(self.a.shape[:ns])
-        fi, fo = iter(fan_in), iter(fan_out)
-        for role in self.layout.axes[ns:]:
-            shape.append(next(fi) if role in "wiv" else next(fo))
-        return tuple(shape)
+        return self.layout.kernel_shape(self.a.shape[:ns], self.a.shape[ns:-1],
+                                        self.b.shape[ns + 1:])
 
     @property
     def num_params(self) -> int:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
-from jlora.layouts import _LAYOUT_RE, _PARTIAL_RE
+from jlora.layouts import Layout, is_layout_spec
 from jlora.paths import compile_pattern
 
 __all__ = ["INITS", "VARIANTS", "LoraConfig"]
@@ -62,8 +62,10 @@ class LoraConfig:
       alpha_pattern: ``{pattern: alpha}`` overriding ``alpha`` per path. In both, when
         several patterns match a path the *first* one in the mapping's order wins (as in
         PEFT), so put the most specific pattern first.
-      layouts: ``{pattern: layout}`` for kernels whose layout cannot be inferred (see
-        :mod:`jlora.layouts`); the first matching pattern wins.
+      layouts: ``{pattern or path: layout}`` for kernels whose layout cannot be inferred
+        from flax's conventions (see :mod:`jlora.layouts`); the first matching pattern
+        wins. ``jlora.infer_layouts(fn, params, *args)`` reads them from the model and
+        its result goes here as it is.
       init: ``"default"`` (PEFT: A kaiming-uniform, B zero; embeddings the other way round)
         or ``"gaussian"`` (A ~ N(0, (1/rank)^2), as PEFT); the variants module adds
         ``"pissa"``, ``"olora"``, ``"orthogonal"``, ``"eva"`` and ``"corda"``.
@@ -115,12 +117,13 @@ class LoraConfig:
         self._check_mapping("layouts", self.layouts)
         for key, spec in self.layouts.items():
             compile_pattern(key, field=f"layouts[{key!r}]")
-            if not isinstance(spec, str) or not (
-                _LAYOUT_RE.fullmatch(spec) or _PARTIAL_RE.fullmatch(spec)
-            ):
+            if isinstance(spec, Layout):
+                spec = spec.axes
+            if not is_layout_spec(spec):
                 raise ValueError(
-                    f"`layouts[{key!r}]` must be a layout string like 'io', 'ioo', 'wwio', "
-                    f"'vf', 'sio' or 's...', got {spec!r}. See jlora.layouts."
+                    f"`layouts[{key!r}]` must be a layout string like 'io', 'oi', 'ioo', "
+                    f"'oio', 'wwio', 'vf', 'sio', 'isoo' or 's...', got {spec!r}. See "
+                    "jlora.layouts."
                 )
         if self.init not in INITS:
             raise ValueError(f"`init` must be one of {list(INITS)}, got {self.init!r}.")

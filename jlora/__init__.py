@@ -18,6 +18,7 @@ from jlora import quantization as quantization
 from jlora import scaling as scaling
 from jlora import sharding as sharding
 from jlora import variants as variants
+from jlora._layout_inference import infer_layouts as infer_layouts
 from jlora.adapter import Adapter as Adapter
 from jlora.adapter import is_adapter as is_adapter
 from jlora.config import LoraConfig as LoraConfig

@@ -1,11 +1,13 @@
 """Every use of JAX internals (jaxprs, primitives, tracers) in one place, with version shims.
 
 The factored transform reads jaxprs and re-binds their equations. The names it needs
-live in ``jax.extend`` (the supported surface for this) or, for a few, in private
-modules whose location moves between JAX releases. Keeping them here means a JAX
-upgrade touches one file: the interpreter itself never imports ``jax._src``.
+live in ``jax.extend`` (the supported surface for this) or, in older releases, only in
+private modules. Each name is looked up in ``jax.extend`` first and in its private home
+only when the public one is missing, so a current JAX never touches ``jax._src``.
+Keeping this here means a JAX upgrade touches one file: the interpreter itself never
+imports ``jax._src``.
 
-Tested with jax 0.10.2.
+Tested with jax 0.6.0 (the lowest supported release) and 0.10.2.
 
 Example:
   >>> import jax.numpy as jnp
@@ -18,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Any
 
 import jax
@@ -39,13 +42,27 @@ __all__ = [
     "source_summary",
 ]
 
+
+
+def _public_or_private(public, name: str, private_module: str, private_name: str | None = None):
+    """``public.name``, else ``jax._src.<private_module>.<private_name or name>``.
+
+    For names that ``jax.extend`` gained after the lowest supported release (0.6): the
+    private module is read only on releases that lack the public name.
+    """
+    found = getattr(public, name, None)
+    if found is not None:
+        return found
+    return getattr(importlib.import_module(f"jax._src.{private_module}"), private_name or name)
+
+
 Jaxpr = jex_core.Jaxpr
 ClosedJaxpr = jex_core.ClosedJaxpr
 Literal = jex_core.Literal
 Var = jex_core.Var
-DropVar = jex_core.DropVar
+DropVar = _public_or_private(jex_core, "DropVar", "core")  # public since jax 0.7
 
-# Primitives the interpreter has rules for. `jit` was called `pjit` before jax 0.7.
+# Primitives the interpreter has rules for.
 dot_general_p = prims.dot_general_p
 conv_general_dilated_p = prims.conv_general_dilated_p
 gather_p = prims.gather_p
@@ -61,14 +78,27 @@ copy_p = prims.copy_p
 scan_p = prims.scan_p
 while_p = prims.while_p
 cond_p = prims.cond_p
-remat_p = prims.remat_p
-jit_p = getattr(prims, "jit_p", None) or getattr(prims, "pjit_p", None)
+remat_p = _public_or_private(prims, "remat_p", "ad_checkpoint")  # public since jax 0.7
+# `jit` was the `pjit` primitive before jax 0.7, and not in `jax.extend` under either name.
+jit_p = getattr(prims, "jit_p", None) or _public_or_private(prims, "pjit_p", "pjit")
 closed_call_p = prims.closed_call_p
 custom_jvp_call_p = prims.custom_jvp_call_p
-custom_vjp_call_p = prims.custom_vjp_call_p
+# The primitive a `jax.custom_vjp` function leaves in a jaxpr: `custom_vjp_call_jaxpr`
+# before jax 0.7 (`custom_vjp_call` was then only seen while tracing), `custom_vjp_call`
+# since.
+custom_vjp_call_p = getattr(prims, "custom_vjp_call_jaxpr_p", None) or prims.custom_vjp_call_p
 sharding_constraint_p = prims.sharding_constraint_p
 device_put_p = prims.device_put_p
-name_p = getattr(prims, "name_p", None)  # checkpoint_name; absent in old releases
+# `checkpoint_name`; public since jax 0.7.
+name_p = _public_or_private(prims, "name_p", "ad_checkpoint")
+# Moves and consumers the layout reader (jlora._layout_inference) also follows.
+concatenate_p = prims.concatenate_p
+pad_p = prims.pad_p
+reduce_precision_p = prims.reduce_precision_p
+split_p = jax.lax.split_p  # what jnp.split emits
+optimization_barrier_p = jax.lax.optimization_barrier_p
+# jax.lax.ragged_dot (mixture-of-experts); the primitive is in no public module.
+ragged_dot_general_p = _public_or_private(prims, "ragged_dot_general_p", "lax.lax")
 
 
 def is_tracer(x: Any) -> bool:
@@ -161,3 +191,64 @@ def iter_eqns(jaxpr):
                     yield from iter_eqns(sub.jaxpr)
                 elif isinstance(sub, Jaxpr):
                     yield from iter_eqns(sub)
+
+
+# -- primitives of jlora's own ------------------------------------------------------------
+
+
+def define_primitive(name: str, fn, *, batch_rule):
+    """A primitive that computes ``fn(*arrays, **params)`` and stays one equation in jaxprs.
+
+    So an interpreter can recognise the call (``jlora.quantization.dequantize``) by its
+    primitive. Eager calls run ``fn`` under ``jax.jit``; shapes, dtypes and shardings are
+    ``fn``'s (traced abstractly); it lowers to ``fn``'s HLO; its derivative is ``fn``'s
+    (``jax.jvp`` along the operands with a non-zero tangent), so gradients reach exactly
+    what they would without the primitive; ``batch_rule(args, dims, **params) ->
+    (out, out_dim)`` handles ``vmap`` (a dim is None for an operand not mapped). ``params``
+    must be hashable.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> double = define_primitive("double", lambda x, *, k: k * x,
+      ...                           batch_rule=lambda args, dims, k: (k * args[0], dims[0]))
+      >>> [e.primitive.name for e in jax.make_jaxpr(lambda x: double.bind(x, k=2.0))(1.0).eqns]
+      ['double']
+      >>> jax.grad(lambda x: double.bind(x, k=3.0))(1.0).item()
+      3.0
+    """
+    import functools
+
+    from jax.interpreters import ad, batching, mlir
+
+    primitive_class = getattr(jex_core, "Primitive", None) or jax.core.Primitive
+    prim = primitive_class(name)
+
+    @functools.lru_cache(maxsize=64)
+    def compiled(params: tuple):
+        return jax.jit(functools.partial(fn, **dict(params)))
+
+    @functools.lru_cache(maxsize=256)
+    def out_aval(avals: tuple, params: tuple):
+        return make_closed_jaxpr(lambda *xs: [fn(*xs, **dict(params))], avals).out_avals[0]
+
+    def jvp(primals, tangents, **params):
+        out = prim.bind(*primals, **params)
+        live = [i for i, t in enumerate(tangents) if not isinstance(t, ad.Zero)]
+
+        def along(*xs):
+            args = list(primals)
+            for i, x in zip(live, xs, strict=True):
+                args[i] = x
+            return fn(*args, **params)
+
+        _, tangent = jax.jvp(along, [primals[i] for i in live], [tangents[i] for i in live])
+        return out, tangent
+
+    prim.def_impl(lambda *args, **params: compiled(tuple(sorted(params.items())))(*args))
+    prim.def_abstract_eval(
+        lambda *avals, **params: out_aval(tuple(avals), tuple(sorted(params.items())))
+    )
+    mlir.register_lowering(prim, mlir.lower_fun(fn, multiple_results=False))
+    ad.primitive_jvps[prim] = jvp
+    batching.primitive_batchers[prim] = batch_rule
+    return prim

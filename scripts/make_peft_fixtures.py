@@ -2,13 +2,19 @@
 with PEFT itself.
 
 Run by hand, never in CI: it needs torch==2.13.0 and peft, which are not jlora's
-requirements. From the repository root::
+requirements, and transformers==4.46.3 with jax and flax for the ``gpt2`` case. From the
+repository root::
 
-  python3 -m venv /work/peftenv
-  /work/peftenv/bin/pip install torch==2.13.0 peft safetensors numpy
-  /work/peftenv/bin/python scripts/make_peft_fixtures.py                 # writes the fixtures
-  /work/peftenv/bin/python scripts/make_peft_fixtures.py --check-export \\
+  python3 -m venv /work/envs/peftenv
+  /work/envs/peftenv/bin/pip install torch==2.13.0 peft transformers==4.46.3 \\
+      "jax>=0.10,<0.11" "flax>=0.12,<0.13" safetensors numpy
+  /work/envs/peftenv/bin/python scripts/make_peft_fixtures.py            # writes the fixtures
+  /work/envs/peftenv/bin/python scripts/make_peft_fixtures.py --check-export \\
       --jlora-python .venv/bin/python                                     # jlora -> PEFT
+
+For the ``gpt2`` export to be checked on the Flax model's logits too, ``--jlora-python``
+must also import transformers (``pip install -e '.[dev,models]'``); without it the check
+says so and compares the torch model's logits only.
 
 Default mode: for every case below, build a small torch model, add a PEFT LoRA adapter
 with non-zero factors (and DoRA magnitudes), and write ``tests/fixtures/peft/<case>/``:
@@ -21,12 +27,24 @@ with non-zero factors (and DoRA magnitudes), and write ``tests/fixtures/peft/<ca
                      merged/..., x/... (images NHWC), y/...
   case.json          the layouts and torch -> flax module mapping the tests need
 
+The ``gpt2`` case is transformers' own ``GPT2LMHeadModel`` (tiny config, ``Conv1D``
+weights stored ``(in, out)``, so PEFT runs with ``fan_in_fan_out=True``). Its
+flax.safetensors holds every parameter as transformers itself converts the torch model
+(``FlaxGPT2LMHeadModel.from_pretrained(dir, from_pt=True)``), whose ``FlaxConv1D``
+kernels are ``(out, in)``: layout ``"oi"``. Its case.json adds ``hf_config`` and
+``flax_model`` to rebuild that Flax model; the script checks that the Flax model on the
+base and on PEFT's merged weights gives the torch model's and PEFT's logits.
+
 ``--check-export`` runs jlora (``--jlora-python``, in a subprocess, with this script's
 ``--jlora-side`` mode) to make adapters for each case's flax params and export them with
 ``jlora.peft.save``; then loads each directory with ``PeftModel.from_pretrained`` onto
 the torch base model and compares, against jlora's own numbers: PEFT's per-module
 scale, PEFT's forward output (against the torch model carrying jlora's merged weights)
-and PEFT's merged weights. It exits non-zero if any differs by more than 1e-5.
+and PEFT's merged weights. For ``gpt2`` the jlora side reads the layouts with
+``jlora.infer_layouts`` on the Flax model (the case's ``"oi"`` layouts where that or
+transformers is missing) and also computes the Flax model's logits, factored
+(``jlora.lora``) and merged, which must equal PEFT's. It exits non-zero if any differs
+by more than 1e-5.
 """
 
 from __future__ import annotations
@@ -35,10 +53,12 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import numpy as np
 import safetensors.numpy
@@ -50,7 +70,8 @@ TOL = 1e-5
 # -- the cases: torch module <-> flax path, the PEFT config, the inputs -------------------
 #
 # kind: "linear" (flax kernel = weight.T, optionally reshaped to a DenseGeneral shape),
-# "conv" (kernel = weight.permute(2, 3, 1, 0)), "embedding" (embedding = weight).
+# "conv" (kernel = weight.permute(2, 3, 1, 0)), "embedding" (embedding = weight),
+# "conv1d" (transformers' Conv1D: weight (in, out); FlaxConv1D kernel = weight.T, (out, in)).
 # "stack": n means torch modules name.format(0..n-1) stack into one flax kernel.
 
 MLP = [
@@ -71,6 +92,16 @@ EMBED = [
 ]
 DORA = EMBED + [{"torch": "conv", "flax": "params/conv", "kind": "conv"}]
 STACKED = [{"torch": "layers.{}.proj", "flax": "params/layers/proj", "kind": "linear", "stack": 3}]
+# Tiny, so that base and merged weights in both layouts stay a few tens of KiB; every
+# adapted kernel has fan-in != fan-out but attn.c_proj, so a transposed update shows.
+GPT2_CONFIG = dict(vocab_size=32, n_positions=8, n_embd=8, n_layer=2, n_head=2,
+                   initializer_range=0.2, use_cache=False)
+GPT2 = [
+    {"torch": f"transformer.h.{i}.{m}", "flax": f"params/transformer/h/{i}/{m.replace('.', '/')}",
+     "kind": "conv1d"}
+    for i in range(GPT2_CONFIG["n_layer"])
+    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
 
 CASES = {
     "linear": dict(
@@ -109,6 +140,15 @@ CASES = {
         model="stacked", modules=STACKED, layouts={"params/layers/proj/kernel": "s..."},
         peft=dict(r=2, lora_alpha=3, target_modules=["proj"]),
     ),
+    # flax_params="transformers": flax.safetensors is transformers' own conversion of the
+    # whole model, not torch_to_flax of `modules`.
+    "gpt2": dict(
+        model="gpt2", modules=GPT2, flax_params="transformers",
+        hf_config=GPT2_CONFIG, flax_model="FlaxGPT2LMHeadModel",
+        layouts={f"{m['flax']}/kernel": "oi" for m in GPT2},
+        peft=dict(r=2, lora_alpha=4, fan_in_fan_out=True,
+                  target_modules=["c_attn", "c_proj", "c_fc"]),
+    ),
 }
 
 # jlora -> PEFT: which fixture's base model, how its flax params are laid out, and the
@@ -142,6 +182,12 @@ EXPORTS = {
     "stacked": dict(base="stacked", configs=[dict(
         rank=2, alpha=3.0, targets="params/layers/proj/kernel",
         layouts={"params/layers/proj/kernel": "s..."})]),
+    # infer_layouts: the layouts come from jlora.infer_layouts on the case's Flax model.
+    "gpt2": dict(base="gpt2", infer_layouts=True, configs=[dict(
+        rank=2, alpha=4.0, targets=".*/(c_attn|c_proj|c_fc)/kernel")]),
+    "gpt2_rslora": dict(base="gpt2", infer_layouts=True, configs=[dict(
+        rank=3, alpha=2.0, use_rslora=True, targets=".*/(c_attn|c_fc)/kernel",
+        rank_pattern={".*/c_fc/kernel": 2})]),
 }
 
 
@@ -223,6 +269,10 @@ def build_model(kind: str):
                 x = torch.tanh(layer.proj(x))
             return {"y": x}
 
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG))
     return {"mlp": MLP, "blocks": Blocks, "conv": Conv, "embed": Embed, "dora": Dora,
             "stacked": Stacked}[kind]()
 
@@ -239,6 +289,8 @@ def make_inputs(kind: str) -> dict:
         "embed": {"ids": ids},
         "dora": {"ids": ids, "image": image},
         "stacked": {"x": torch.randn(4, 5, generator=g)},
+        # Last: every entry draws from `g`, so a new one before the others changes them.
+        "gpt2": {"input_ids": torch.randint(0, GPT2_CONFIG["vocab_size"], (2, 5), generator=g)},
     }[kind]
 
 
@@ -265,9 +317,9 @@ def torch_to_flax(state: dict, modules, reshape=None) -> dict:
     out: dict[str, list | np.ndarray] = {}
     for tname, fpath, kind, index in _expand_modules(modules):
         w = state[f"{tname}.weight"]
-        leaf = {"linear": "kernel", "conv": "kernel", "embedding": "embedding"}[kind]
+        leaf = "embedding" if kind == "embedding" else "kernel"
         value = {"linear": lambda w: w.T, "conv": lambda w: w.transpose(2, 3, 1, 0),
-                 "embedding": lambda w: w}[kind](w)
+                 "embedding": lambda w: w, "conv1d": lambda w: w.T}[kind](w)
         items = [(f"{fpath}/{leaf}", value)]
         if f"{tname}.bias" in state:
             items.append((f"{fpath}/bias", state[f"{tname}.bias"]))
@@ -295,11 +347,36 @@ def flax_to_torch(flat: dict, modules, torch_shapes: dict) -> dict:
             k = k.reshape(n_in, n_out).T
         elif kind == "conv":
             k = k.transpose(3, 2, 0, 1)
+        elif kind == "conv1d":
+            k = k.T
         out[f"{tname}.weight"] = np.ascontiguousarray(k)
         if f"{fpath}/bias" in flat:
             b = flat[f"{fpath}/bias"]
             out[f"{tname}.bias"] = np.ascontiguousarray(b if index is None else b[index])
     return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a/b/c": array}`` from a nested dict of arrays (the inverse of :func:`nest`)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = np.asarray(value)
+    return out
+
+
+def nest(flat: dict) -> dict:
+    """A nested dict from ``{"a/b/c": array}``."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
 
 
 def inputs_to_flax(inputs: dict) -> dict:
@@ -310,6 +387,32 @@ def save_st(path: pathlib.Path, arrays: dict) -> None:
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path)
 
 
+# -- transformers' Flax ports (imported only by the cases that name one) -------------------
+
+
+def hf_flax_apply(case: dict):
+    """``(variables, input_ids) -> logits`` of the case's transformers Flax model, built
+    from its ``flax_model`` and ``hf_config`` without weights; None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    flax_class = getattr(transformers, case["flax_model"])
+    model = flax_class(flax_class.config_class(**case["hf_config"]), _do_init=False)
+    return lambda variables, input_ids: model(input_ids, params=variables["params"]).logits
+
+
+def hf_flax_params(torch_model) -> dict:
+    """``{flax path: array}`` of a transformers torch model, as transformers converts it
+    (``Flax<Class>.from_pretrained(dir, from_pt=True)``), under a ``params`` collection."""
+    import transformers
+
+    flax_class = getattr(transformers, "Flax" + type(torch_model).__name__)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch_model.save_pretrained(tmp)
+        return flatten({"params": flax_class.from_pretrained(tmp, from_pt=True).params})
+
+
 # -- default mode: PEFT -> fixtures --------------------------------------------------------
 
 
@@ -318,6 +421,35 @@ def _scales_and_ranks(peft_model) -> tuple[dict, dict]:
                if hasattr(m, "scaling") and "default" in m.scaling]
     return ({n: float(m.scaling["default"]) for n, m in modules},
             {n: int(m.r["default"]) for n, m in modules})
+
+
+def transformers_flax(spec: dict, base: dict, merged_model, inputs: dict, outputs: dict):
+    """``(base, merged)`` flax params of a transformers model, as transformers converts
+    them, checked two ways: ``spec["modules"]`` maps the adapted weights as
+    :func:`torch_to_flax` does, and the Flax model gives the torch base model's logits on
+    the base params and PEFT's (``outputs``) on the merged ones. Returns the max gaps too."""
+    torch = _torch()
+    base_model = build_model(spec["model"]).eval()
+    base_model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
+    with torch.no_grad():
+        base_outputs = to_numpy(base_model(**inputs))
+    apply = hf_flax_apply(spec)
+    x = inputs_to_flax(to_numpy(inputs))
+    params, gaps = [], []
+    for model, expected in ((base_model, base_outputs), (merged_model, outputs)):
+        flat = hf_flax_params(model)
+        for key, value in torch_to_flax(to_numpy(model.state_dict()), spec["modules"]).items():
+            if not np.array_equal(flat[key], value):
+                raise RuntimeError(f"transformers converts {key} (shape {flat[key].shape}) "
+                                   f"otherwise than torch_to_flax (shape {value.shape}): fix "
+                                   "the module kinds of the case")
+        got = {"logits": np.asarray(apply(nest(flat), **x))}
+        gaps.append(max(float(np.abs(got[k] - expected[k]).max()) for k in expected))
+        params.append(flat)
+    if max(gaps) > TOL:
+        raise RuntimeError(f"{spec['flax_model']} differs from the torch model by {gaps} "
+                           "(base, merged): the fixture's flax layout would be wrong")
+    return params[0], params[1], gaps
 
 
 def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
@@ -363,11 +495,20 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
     with torch.no_grad():
         merged_outputs = to_numpy(merged_model(**inputs))
     gap = max(float(np.abs(merged_outputs[k] - outputs[k]).max()) for k in outputs)
-    for key in base:  # every adapted weight must have moved, or the fixture tests nothing
-        if key.endswith(".weight") and np.abs(merged[key] - base[key]).max() < 1e-3:
+    # Every adapted weight must have moved, or the fixture tests nothing.
+    for tname, *_ in _expand_modules(spec["modules"]):
+        key = f"{tname}.weight"
+        if np.abs(merged[key] - base[key]).max() < 1e-3:
             raise RuntimeError(f"{name}: merging left {key} unchanged")
 
     x = to_numpy(inputs)
+    if spec.get("flax_params") == "transformers":
+        flax_base, flax_merged, flax_gaps = transformers_flax(
+            spec, base, merged_model, inputs, outputs)
+        print(f"{name:10s} {spec['flax_model']} vs torch: base {flax_gaps[0]:.1e}, "
+              f"merged vs PEFT {flax_gaps[1]:.1e}")
+    else:
+        flax_base, flax_merged = (torch_to_flax(w, spec["modules"]) for w in (base, merged))
     save_st(case_dir / "torch.safetensors", {
         **{f"base/{k}": v for k, v in base.items()},
         **{f"merged/{k}": v for k, v in merged.items()},
@@ -375,8 +516,8 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
         **{f"y/{k}": v for k, v in outputs.items()},
     })
     save_st(case_dir / "flax.safetensors", {
-        **{f"base/{k}": v for k, v in torch_to_flax(base, spec["modules"]).items()},
-        **{f"merged/{k}": v for k, v in torch_to_flax(merged, spec["modules"]).items()},
+        **{f"base/{k}": v for k, v in flax_base.items()},
+        **{f"merged/{k}": v for k, v in flax_merged.items()},
         **{f"x/{k}": v for k, v in inputs_to_flax(x).items()},
         **{f"y/{k}": v for k, v in inputs_to_flax(outputs).items()},
     })
@@ -384,6 +525,7 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
         "model": spec["model"],
         "modules": spec["modules"],
         "layouts": spec.get("layouts", {}),
+        **{k: spec[k] for k in ("flax_params", "hf_config", "flax_model") if k in spec},
         "peft_config": spec["peft"],
         "peft_scales": scales,
         "peft_ranks": ranks,
@@ -406,72 +548,120 @@ def make_fixtures(out_root: pathlib.Path) -> None:
 # -- --jlora-side: runs under jlora's python -----------------------------------------------
 
 
+def export_layouts(spec: dict, case: dict, apply, params, inputs: dict) -> tuple[dict, str]:
+    """``(layouts, where they come from)`` for an export: ``jlora.infer_layouts`` on the
+    case's model where the export asks for it (and jlora and transformers are there to do
+    it), else the case's own layouts; for other exports, those their first config gives."""
+    import jlora
+
+    if not spec.get("infer_layouts"):
+        return spec["configs"][0].get("layouts"), "config"
+    if apply is None or not hasattr(jlora, "infer_layouts"):
+        missing = "transformers" if apply is None else "jlora.infer_layouts"
+        return dict(case["layouts"]), f"case.json (no {missing})"
+    return dict(jlora.infer_layouts(apply, params, **inputs)), "jlora.infer_layouts"
+
+
 def jlora_side(out_root: pathlib.Path, fixtures: pathlib.Path) -> None:
+    report = {}
+    for name, spec in EXPORTS.items():
+        try:
+            report[name] = export_one(out_root / name, spec, fixtures)
+        except Exception as e:  # reported per export: one failure must not hide the others
+            traceback.print_exc()
+            report[name] = {"error": f"{type(e).__name__}: {e}"}
+    (out_root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def export_one(case_dir: pathlib.Path, spec: dict, fixtures: pathlib.Path) -> dict:
+    """Make adapters for one export with jlora, write them to ``case_dir`` (adapter/,
+    merged.safetensors and, where the case has a Flax model, logits.safetensors) and
+    return its report entry."""
     import jax
     import jax.numpy as jnp
 
     import jlora
 
-    def nest(flat):
-        tree = {}
-        for path, value in flat.items():
-            node = tree
-            *parents, leaf = path.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = jnp.asarray(value)
-        return tree
-
-    report = {}
-    for name, spec in EXPORTS.items():
-        stored = safetensors.numpy.load_file(fixtures / spec["base"] / "flax.safetensors")
-        flat = {k[len("base/"):]: v for k, v in stored.items() if k.startswith("base/")}
-        for key, shape in spec.get("reshape", {}).items():
-            flat[key] = flat[key].reshape(shape)
-        params = nest(flat)
-        adapters = {}
-        for i, cfg in enumerate(spec["configs"]):
-            cfg = dict(cfg)
-            if cfg.get("scaling") == "custom":
-                cfg["scaling"] = lambda rank, alpha: 0.37 * alpha + 0.01 * rank
-            made = jlora.init(jax.random.key(i), params, jlora.LoraConfig(**cfg))
-            adapters.update(made)
-        for j, (path, ad) in enumerate(sorted(adapters.items())):
-            ka, kb, km = jax.random.split(jax.random.fold_in(jax.random.key(7), j), 3)
-            changes = dict(a=0.3 * jax.random.normal(ka, ad.a.shape),
-                           b=0.3 * jax.random.normal(kb, ad.b.shape))
-            if ad.magnitude is not None:
-                changes["magnitude"] = ad.magnitude * jax.random.uniform(
-                    km, ad.magnitude.shape, minval=0.5, maxval=1.5)
-            adapters[path] = ad.replace(**changes)
-        case_dir = out_root / name
-        jlora.peft.save(case_dir / "adapter", adapters)
-        merged = jlora.merge(params, adapters)
-        save_st(case_dir / "merged.safetensors",
-                {k: np.asarray(v) for k, v in jlora.paths.select(merged, ".*").items()})
-        # Round trip through the directory, as a sanity check of the reader.
-        back = jlora.peft.load(case_dir / "adapter", params,
-                               layouts=spec["configs"][0].get("layouts"))
-        same = all(
-            jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back[p], adapters[p]))
-            and back[p].replace(a=0, b=0, magnitude=None)
-            == adapters[p].replace(a=0, b=0, magnitude=None)
-            for p in adapters
-        ) and back.keys() == adapters.keys()
-        module_scales = {}
-        for p, ad in adapters.items():
-            ns = ad.layout.num_stacked
-            for idx in np.ndindex(*ad.a.shape[:ns]):
-                module_scales[jlora.peft.default_module_name(p, ns).format(*idx)] = ad.scale
-        report[name] = {
-            "module_scales": module_scales,
-            "policies": {p: ad.policy for p, ad in adapters.items()},
-            "round_trip_exact": bool(same),
-        }
-    (out_root / "report.json").write_text(json.dumps(report, indent=2))
+    stored = safetensors.numpy.load_file(fixtures / spec["base"] / "flax.safetensors")
+    case = json.loads((fixtures / spec["base"] / "case.json").read_text())
+    flat = {k[len("base/"):]: v for k, v in stored.items() if k.startswith("base/")}
+    for key, shape in spec.get("reshape", {}).items():
+        flat[key] = flat[key].reshape(shape)
+    params = jax.tree.map(jnp.asarray, nest(flat))
+    inputs = {k[len("x/"):]: jnp.asarray(v) for k, v in stored.items() if k.startswith("x/")}
+    apply = hf_flax_apply(case) if "flax_model" in case else None
+    layouts, layouts_from = export_layouts(spec, case, apply, params, inputs)
+    adapters = {}
+    given = {} if spec.get("infer_layouts") else layouts  # what the reader is told below
+    for i, cfg in enumerate(spec["configs"]):
+        cfg = dict(cfg)
+        if spec.get("infer_layouts"):
+            # LoraConfig refuses a layout for a kernel it does not target.
+            cfg["layouts"] = {p: v for p, v in layouts.items() if re.fullmatch(cfg["targets"], p)}
+            given.update(cfg["layouts"])
+        if cfg.get("scaling") == "custom":
+            cfg["scaling"] = lambda rank, alpha: 0.37 * alpha + 0.01 * rank
+        made = jlora.init(jax.random.key(i), params, jlora.LoraConfig(**cfg))
+        adapters.update(made)
+    for j, (path, ad) in enumerate(sorted(adapters.items())):
+        ka, kb, km = jax.random.split(jax.random.fold_in(jax.random.key(7), j), 3)
+        changes = dict(a=0.3 * jax.random.normal(ka, ad.a.shape),
+                       b=0.3 * jax.random.normal(kb, ad.b.shape))
+        if ad.magnitude is not None:
+            changes["magnitude"] = ad.magnitude * jax.random.uniform(
+                km, ad.magnitude.shape, minval=0.5, maxval=1.5)
+        adapters[path] = ad.replace(**changes)
+    jlora.peft.save(case_dir / "adapter", adapters)
+    merged = jlora.merge(params, adapters)
+    save_st(case_dir / "merged.safetensors",
+            {k: np.asarray(v) for k, v in jlora.paths.select(merged, ".*").items()})
+    if apply is not None:
+        save_st(case_dir / "logits.safetensors", {
+            "lora": np.asarray(jlora.lora(apply)(params, adapters, **inputs)),
+            "merged": np.asarray(apply(merged, **inputs)),
+        })
+    # Round trip through the directory, as a sanity check of the reader.
+    back = jlora.peft.load(case_dir / "adapter", params, layouts=given)
+    same = all(
+        jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back[p], adapters[p]))
+        and back[p].replace(a=0, b=0, magnitude=None)
+        == adapters[p].replace(a=0, b=0, magnitude=None)
+        for p in adapters
+    ) and back.keys() == adapters.keys()
+    module_scales = {}
+    for p, ad in adapters.items():
+        ns = ad.layout.num_stacked
+        for idx in np.ndindex(*ad.a.shape[:ns]):
+            module_scales[jlora.peft.default_module_name(p, ns).format(*idx)] = ad.scale
+    return {
+        "module_scales": module_scales,
+        "policies": {p: ad.policy for p, ad in adapters.items()},
+        "round_trip_exact": bool(same),
+        "layouts_from": layouts_from,
+        "layouts": {p: (layouts or {}).get(p) for p in case["layouts"]},
+    }
 
 
 # -- --check-export: jlora -> PEFT ---------------------------------------------------------
+
+
+def check_flax_logits(case: dict, report: dict, out: pathlib.Path, y_peft: dict):
+    """``(good, note)`` for an export of a case with a transformers Flax model: its layouts
+    are the case's, and the Flax model's logits on jlora's adapters, factored
+    (``jlora.lora``) and merged, are PEFT's. ``(True, "")`` for other cases."""
+    if "flax_model" not in case:
+        return True, ""
+    layouts_ok = report["layouts"] == case["layouts"]
+    note = f"\n{'':20s}layouts from {report['layouts_from']}: " + (
+        "the case's" if layouts_ok else f"{report['layouts']}, expected {case['layouts']}")
+    if not (out / "logits.safetensors").exists():
+        return layouts_ok, note + f"; {case['flax_model']} logits not computed (no " \
+            "transformers in --jlora-python)"
+    logits = safetensors.numpy.load_file(out / "logits.safetensors")
+    gaps = {k: float(np.abs(v - y_peft["logits"]).max()) for k, v in logits.items()}
+    note += f"; {case['flax_model']} logits vs PEFT max|diff|: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in gaps.items())
+    return layouts_ok and max(gaps.values()) <= TOL, note
 
 
 def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
@@ -487,6 +677,10 @@ def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
         report = json.loads((pathlib.Path(tmp) / "report.json").read_text())
         for name, spec in EXPORTS.items():
             base_spec = CASES[spec["base"]]
+            if "error" in report[name]:
+                ok = False
+                print(f"{name:15s} FAIL jlora: {report[name]['error']}")
+                continue
             stored = safetensors.numpy.load_file(fixtures / spec["base"] / "torch.safetensors")
             base = {k[5:]: v for k, v in stored.items() if k.startswith("base/")}
             inputs = {k[2:]: torch.from_numpy(v) for k, v in stored.items() if k.startswith("x/")}
@@ -496,9 +690,11 @@ def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
             model.load_state_dict({k: torch.from_numpy(v) for k, v in base.items()})
             peft_model = PeftModel.from_pretrained(model.eval(), os.path.join(tmp, name, "adapter"))
             peft_model.eval()
-            jlora_merged = flax_to_torch(
+            # The base with jlora's merged weights on the modules it adapts (all of them,
+            # but in gpt2, whose layer norms and embeddings stay as they are).
+            jlora_merged = {**base, **flax_to_torch(
                 safetensors.numpy.load_file(pathlib.Path(tmp) / name / "merged.safetensors"),
-                base_spec["modules"], shapes)
+                base_spec["modules"], shapes)}
             reference = build_model(base_spec["model"]).eval()
             reference.load_state_dict({k: torch.from_numpy(v) for k, v in jlora_merged.items()})
             with torch.no_grad():
@@ -516,12 +712,15 @@ def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
             scales_match = peft_scales == report[name]["module_scales"]
             good = out_gap <= TOL and w_gap <= TOL and scales_match and \
                 report[name]["round_trip_exact"]
+            flax_good, flax_note = check_flax_logits(
+                base_spec, report[name], pathlib.Path(tmp) / name, y_peft)
+            good &= flax_good
             ok &= good
             print(f"{name:15s} {'OK  ' if good else 'FAIL'} output max|diff|={out_gap:.2e} "
                   f"merged-weight max|diff|={w_gap:.2e} PEFT scales="
                   f"{sorted(set(round(s, 6) for s in peft_scales.values()))} "
                   f"scales exact={scales_match} jlora round trip exact="
-                  f"{report[name]['round_trip_exact']}")
+                  f"{report[name]['round_trip_exact']}{flax_note}")
     print("export check:", "PASSED" if ok else "FAILED")
     return ok
 

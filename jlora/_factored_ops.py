@@ -15,9 +15,9 @@ frozen model's backward pass does not need beyond ``x``. ``W``'s cotangent is co
 through ``jax.vjp`` of the original dot, so gradients w.r.t. the parameters still work
 (XLA drops it when nobody asks for it).
 
-The einsum letter strings come from the interpreter (``jlora/transform.py``), which
-knows which axes of ``x`` and of the kernel are contracted, batched (stacked layers) or
-free; this module only does arithmetic on them.
+The einsum letter strings come from the interpreter's dot plan
+(``jlora/_transform/dot.py``), which knows which axes of ``x`` and of the kernel are
+contracted, batched (stacked layers) or free; this module only does arithmetic on them.
 
 Limitation: a ``custom_vjp`` function cannot be differentiated in forward mode
 (``jax.jvp``, ``jax.jacfwd``); ``jlora.lora(fn, custom_vjp=False)`` uses JAX's own

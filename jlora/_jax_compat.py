@@ -2,12 +2,11 @@
 
 The factored transform reads jaxprs and re-binds their equations. The names it needs
 live in ``jax.extend`` (the supported surface for this) or, in older releases, only in
-private modules. Each name is looked up in ``jax.extend`` first and in its private home
-only when the public one is missing, so a current JAX never touches ``jax._src``.
-Keeping this here means a JAX upgrade touches one file: the interpreter itself never
-imports ``jax._src``.
+private modules. Such a name is looked up in ``jax.extend`` first and in its private home
+only when the public one is missing, so a current JAX never touches ``jax._src``, and a
+JAX upgrade touches this file alone: the interpreter itself never imports ``jax._src``.
 
-Tested with jax 0.6.0 (the lowest supported release) and 0.10.2.
+Tested with jax 0.8.2 (the lowest supported release) and 0.10.2.
 
 Example:
   >>> import jax.numpy as jnp
@@ -24,6 +23,7 @@ import importlib
 from typing import Any
 
 import jax
+from jax import core as jax_core
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 from jax.extend.core import primitives as prims
@@ -43,24 +43,19 @@ __all__ = [
 ]
 
 
-
-def _public_or_private(public, name: str, private_module: str, private_name: str | None = None):
-    """``public.name``, else ``jax._src.<private_module>.<private_name or name>``.
-
-    For names that ``jax.extend`` gained after the lowest supported release (0.6): the
-    private module is read only on releases that lack the public name.
-    """
+def _public_or_private(public, name: str, private_module: str):
+    """``public.name``, else ``jax._src.<private_module>.name`` (read only when missing)."""
     found = getattr(public, name, None)
     if found is not None:
         return found
-    return getattr(importlib.import_module(f"jax._src.{private_module}"), private_name or name)
+    return getattr(importlib.import_module(f"jax._src.{private_module}"), name)
 
 
 Jaxpr = jex_core.Jaxpr
 ClosedJaxpr = jex_core.ClosedJaxpr
 Literal = jex_core.Literal
 Var = jex_core.Var
-DropVar = _public_or_private(jex_core, "DropVar", "core")  # public since jax 0.7
+DropVar = _public_or_private(jex_core, "DropVar", "core")  # in jax.extend since jax 0.10
 
 # Primitives the interpreter has rules for.
 dot_general_p = prims.dot_general_p
@@ -78,19 +73,14 @@ copy_p = prims.copy_p
 scan_p = prims.scan_p
 while_p = prims.while_p
 cond_p = prims.cond_p
-remat_p = _public_or_private(prims, "remat_p", "ad_checkpoint")  # public since jax 0.7
-# `jit` was the `pjit` primitive before jax 0.7, and not in `jax.extend` under either name.
-jit_p = getattr(prims, "jit_p", None) or _public_or_private(prims, "pjit_p", "pjit")
+remat_p = prims.remat_p
+jit_p = prims.jit_p
 closed_call_p = prims.closed_call_p
 custom_jvp_call_p = prims.custom_jvp_call_p
-# The primitive a `jax.custom_vjp` function leaves in a jaxpr: `custom_vjp_call_jaxpr`
-# before jax 0.7 (`custom_vjp_call` was then only seen while tracing), `custom_vjp_call`
-# since.
-custom_vjp_call_p = getattr(prims, "custom_vjp_call_jaxpr_p", None) or prims.custom_vjp_call_p
+custom_vjp_call_p = prims.custom_vjp_call_p
 sharding_constraint_p = prims.sharding_constraint_p
 device_put_p = prims.device_put_p
-# `checkpoint_name`; public since jax 0.7.
-name_p = _public_or_private(prims, "name_p", "ad_checkpoint")
+name_p = prims.name_p  # checkpoint_name
 # Moves and consumers the layout reader (jlora._layout_inference) also follows.
 concatenate_p = prims.concatenate_p
 pad_p = prims.pad_p
@@ -103,15 +93,12 @@ ragged_dot_general_p = _public_or_private(prims, "ragged_dot_general_p", "lax.la
 
 def is_tracer(x: Any) -> bool:
     """Whether ``x`` is a tracer of some JAX transformation (not a concrete value)."""
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, jax_core.Tracer)
 
 
 def aval_of(x: Any):
     """The abstract value (shape, dtype, weak type) of an array or tracer."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is not None:
-        return typeof(x)
-    return jex_core.get_aval(x)  # pragma: no cover - jax < 0.6
+    return jax.typeof(x)
 
 
 def make_closed_jaxpr(flat_fn, avals) -> ClosedJaxpr:
@@ -133,13 +120,15 @@ def _spec(aval) -> jax.ShapeDtypeStruct:
 def _bind_params(primitive, params: dict) -> tuple[tuple, dict]:
     """``(positional subfuns, params)`` for ``primitive.bind``.
 
-    jax >= 0.6 returns only the params (sub-functions travel inside as ``subfuns=``);
-    older releases returned ``(subfuns, params)`` and took the subfuns positionally.
+    Since jax 0.10 ``get_bind_params`` returns only the params (sub-functions travel
+    inside them); before, it returned ``[subfuns], params`` and ``bind`` took the
+    subfuns positionally.
     """
     out = primitive.get_bind_params(params)
-    if isinstance(out, tuple):  # pragma: no cover - older jax
-        return tuple(out[0]), out[1]
-    return (), out
+    if isinstance(out, dict):
+        return (), out
+    subfuns, bind_params = out
+    return tuple(subfuns), bind_params
 
 
 def eqn_context(eqn):
@@ -220,8 +209,7 @@ def define_primitive(name: str, fn, *, batch_rule):
 
     from jax.interpreters import ad, batching, mlir
 
-    primitive_class = getattr(jex_core, "Primitive", None) or jax.core.Primitive
-    prim = primitive_class(name)
+    prim = jex_core.Primitive(name)
 
     @functools.lru_cache(maxsize=64)
     def compiled(params: tuple):

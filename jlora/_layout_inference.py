@@ -205,7 +205,7 @@ class KernelUses:
                 f"its uses ({'; '.join(map(str, self.uses))}) do not show the role of axes "
                 f"{unknown}"
             )
-        axes = "".join(letters)
+        axes = "".join(c for c in letters if c is not None)  # none is None: checked above
         problem = layouts_lib._layout_problem(axes)
         if problem:
             return None, f"its uses read {axes!r}, which is not a kernel layout: {problem}"
@@ -313,6 +313,7 @@ class _Reader:
         ``sources``: they hold separate outputs (a k/v pair), so they are stacked, as long
         as another fan-out axis remains (``logits[:, 0]`` does not stack a head)."""
         use = view.derived
+        assert use is not None  # move() calls this for outputs only
         while (view.kernel, use) in self.replaced:
             use = self.replaced[view.kernel, use]
         roles = dict(use.roles)

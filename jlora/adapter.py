@@ -45,7 +45,8 @@ class Adapter:
       scale: the policy applied to ``(rank, alpha)``; static, never trained.
       policy: ``"standard"``, ``"rslora"`` or ``"custom"`` (a callable; its value is kept
         here per kernel).
-      variant: ``"lora"`` or ``"dora"``.
+      variant: the name of its :class:`jlora.variants.Variant`: ``"lora"``, ``"dora"`` or
+        one registered with ``jlora.variants.register_variant``.
       dropout: PEFT's ``lora_dropout`` rate on the adapter branch's input (factored path).
 
     Example:
@@ -83,7 +84,9 @@ class Adapter:
         """Check the factors agree with each other, the rank and the layout.
 
         Raises ``ValueError`` naming ``path`` and the shapes (e.g. stacked axes of ``a``
-        and ``b`` that disagree, as when factors from two models are mixed).
+        and ``b`` that disagree, as when factors from two models are mixed). The arrays a
+        variant adds (DoRA's magnitude) are its variant's to check
+        (:meth:`jlora.variants.Variant.check`).
         """
         lay, ns = self.layout, self.layout.num_stacked
         n_in, n_out = len(lay.fan_in_axes), len(lay.fan_out_axes)
@@ -97,10 +100,6 @@ class Adapter:
         elif not a_shape[-1] == b_shape[ns] == self.rank:
             problem = (f"the rank axes of `a` ({a_shape[-1]}) and `b` ({b_shape[ns]}) must both "
                        f"equal rank {self.rank}")
-        elif self.magnitude is not None and tuple(self.magnitude.shape) != (
-                b_shape[:ns] + b_shape[ns + 1:]):
-            problem = (f"`magnitude` has shape {tuple(self.magnitude.shape)}, expected "
-                       f"{b_shape[:ns] + b_shape[ns + 1:]} (stacked + fan-out axes)")
         if problem:
             raise ValueError(
                 f"The adapter at path {path!r} is inconsistent: {problem} (a: {a_shape}, "
@@ -112,7 +111,8 @@ class Adapter:
         return self.layout.product(self.a, self.b, dtype)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
-        """``scale * A @ B`` in the kernel's shape (the LoRA update, without DoRA's norm)."""
+        """``scale * A @ B`` in the kernel's shape: the low-rank update every variant
+        shares (DoRA's norm not applied)."""
         return self.scale * self.product(dtype)
 
     def replace(self, **changes) -> Adapter:

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--layout", metavar="PATTERN=LAYOUT", action="append", default=[],
             type=_layout_arg,
             help="layout of the base kernels whose path fully matches PATTERN (PEFT import), "
-                 "e.g. 'layers/mlp/kernel=sio'; repeatable",
+                 "in the kernel's own axis order, e.g. 'layers/mlp/kernel=sio' or "
+                 "'.*/c_attn/kernel=oi' (stored (out, in)); repeatable",
         )
 
     inspect = sub.add_parser(
@@ -160,7 +161,9 @@ def _peft_standins(directory: str) -> tuple[dict, dict]:
 
     PEFT stores ``lora_A (r, in, *window)`` and ``lora_B (out, r, ...)``, embeddings
     ``lora_embedding_A (r, vocab)`` and ``lora_embedding_B (dim, r)``: enough to give each
-    module a kernel of the right flax shape, so ``jlora.peft.load`` needs no model.
+    module a kernel of the right flax shape, so ``jlora.peft.load`` needs no model. Each
+    stand-in's layout is known (it was built in that layout), so it goes into the returned
+    layouts and nothing is guessed.
     """
     tensors, _ = files.read_safetensors(pathlib.Path(directory) / peft.WEIGHTS_NAME)
     params, layouts = {}, {}
@@ -172,6 +175,7 @@ def _peft_standins(directory: str) -> tuple[dict, dict]:
             if b is not None:
                 params[module] = {"embedding": jax.ShapeDtypeStruct((a.shape[1], b.shape[0]),
                                                                     a.dtype)}
+                layouts[re.escape(f"{module}/embedding")] = "vf"
         elif name.endswith(".lora_A.weight"):
             module = name.removesuffix(".lora_A.weight")
             b = tensors.get(f"{peft.PREFIX}{module}.lora_B.weight")
@@ -180,8 +184,7 @@ def _peft_standins(directory: str) -> tuple[dict, dict]:
             window = tuple(a.shape[2:])
             shape = (*window, a.shape[1], b.shape[0])
             params[module] = {"kernel": jax.ShapeDtypeStruct(shape, a.dtype)}
-            if window:
-                layouts[re.escape(f"{module}/kernel")] = "w" * len(window) + "io"
+            layouts[re.escape(f"{module}/kernel")] = "w" * len(window) + "io"
     return params, layouts
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
+from jlora._variant import variant_names
 from jlora.layouts import Layout, is_layout_spec
 from jlora.paths import compile_pattern
 
@@ -34,12 +35,13 @@ VARIANTS = ("lora", "dora")
 
 
 def _is_positive_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and int(x) > 0
 
 
 def _is_positive_finite(x: Any) -> bool:
     return (
-        isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+        isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+        and float(x) > 0
     )
 
 
@@ -69,7 +71,8 @@ class LoraConfig:
       init: ``"default"`` (PEFT: A kaiming-uniform, B zero; embeddings the other way round)
         or ``"gaussian"`` (A ~ N(0, (1/rank)^2), as PEFT); the variants module adds
         ``"pissa"``, ``"olora"``, ``"orthogonal"``, ``"eva"`` and ``"corda"``.
-      variant: ``"lora"`` or ``"dora"``.
+      variant: ``"lora"``, ``"dora"`` or any variant registered with
+        ``jlora.variants.register_variant``.
       dropout: PEFT's ``lora_dropout`` on the adapter branch's input, in ``[0, 1)``.
       dtype: the dtype of the factors, float32 by default.
 
@@ -88,7 +91,7 @@ class LoraConfig:
     exclude: str | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-    layouts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    layouts: Mapping[str, str | Layout] = dataclasses.field(default_factory=dict)
     init: str = "default"
     variant: str = "lora"
     dropout: float = 0.0
@@ -127,8 +130,8 @@ class LoraConfig:
                 )
         if self.init not in INITS:
             raise ValueError(f"`init` must be one of {list(INITS)}, got {self.init!r}.")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"`variant` must be one of {list(VARIANTS)}, got {self.variant!r}.")
+        if self.variant not in variant_names():
+            raise ValueError(f"`variant` must be one of {variant_names()}, got {self.variant!r}.")
         if not (
             isinstance(self.dropout, numbers.Real)
             and not isinstance(self.dropout, bool)
@@ -193,9 +196,15 @@ class LoraConfig:
     # -- per-path resolution ---------------------------------------------------------
 
     @property
+    def _policy(self) -> str | scaling_lib.ScalingPolicy:
+        # `scaling` is None only until __post_init__ resolves it (from `use_rslora`).
+        assert self.scaling is not None
+        return self.scaling
+
+    @property
     def policy_name(self) -> str:
         """``"standard"``, ``"rslora"`` or ``"custom"``."""
-        return scaling_lib.policy_name(self.scaling)
+        return scaling_lib.policy_name(self._policy)
 
     def is_target(self, path: str) -> bool:
         """Whether the leaf at ``path`` is targeted (matches ``targets``, not ``exclude``)."""
@@ -221,10 +230,10 @@ class LoraConfig:
     def scale_for(self, path: str) -> float:
         """The scale of ``path``: the policy applied to its rank and alpha."""
         return scaling_lib.compute_scale(
-            self.scaling, self.rank_for(path), self.alpha_for(path), path=path
+            self._policy, self.rank_for(path), self.alpha_for(path), path=path
         )
 
-    def layout_patterns(self) -> list[tuple[re.Pattern, str]]:
+    def layout_patterns(self) -> list[tuple[re.Pattern, str | Layout]]:
         """``layouts`` as compiled ``(pattern, layout)`` pairs, in order."""
         return [(re.compile(k), v) for k, v in self.layouts.items()]
 

@@ -5,7 +5,9 @@ Two concerns, each written once:
 - **Atomic writes.** :func:`write_bytes_atomic` writes a temporary file beside the target
   and renames it over the target; :func:`write_dir_atomic` does the same for a directory
   of files, moving an existing one aside first (directories cannot be swapped in one
-  step) and refusing to replace a directory that holds anything else.
+  step) and refusing to replace a directory that holds anything else. A writer killed
+  part-way leaves its temporary behind; the next write (and, for directories, the next
+  load) of the same target removes it (:func:`remove_stale_temporaries`).
 - **safetensors with every float dtype.** ``safetensors.numpy.load`` has no bfloat16 or
   float8 (``KeyError: 'BF16'``), and ``safe_open(..., framework="numpy")`` reads
   bfloat16 only once ``ml_dtypes`` is imported and float8 not at all; so
@@ -25,13 +27,16 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
 import struct
 import tempfile
-import uuid
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +51,7 @@ __all__ = [
     "parse_safetensors",
     "read_json",
     "read_safetensors",
+    "remove_stale_temporaries",
     "safetensors_bytes",
     "write_bytes_atomic",
     "write_dir_atomic",
@@ -77,6 +83,139 @@ class AdapterFormatError(ValueError):
     """A file that is missing, truncated, corrupted or does not describe valid adapters."""
 
 
+# -- temporaries ------------------------------------------------------------------------
+#
+# Every temporary beside a target is named ``.NAME.TAG.tmp`` (``.old`` for a directory
+# moved aside), where TAG is ``MACHINE-PID-RANDOM``: MACHINE hashes the host name and the
+# pid namespace, PID is the writing process. A temporary is *stale*, and is removed by the
+# next write or load of NAME, when
+#
+# - its writer is dead: same MACHINE and no process PID (checked with signal 0; a live
+#   process, or one of another user, is never taken for dead), or
+# - nothing in it changed for ``STALE_AFTER_S`` (a writer on another host or in another
+#   pid namespace, whose PID means nothing here, a pid reused since, or a name written by
+#   an older jlora without a TAG). jlora writes the data right after creating the
+#   temporary, so a writer that is still alive has touched it within seconds, not a day.
+#
+# A lock would tell live from dead without the age rule, but file locks are unreliable
+# over NFS, where shared checkpoints often live; names need nothing from the filesystem.
+# TAG never holds a dot, so ``.ad.v2.TAG.tmp`` (a temporary of ``ad.v2``) is never taken
+# for one of ``ad``.
+
+STALE_AFTER_S = 24 * 3600
+_TAG = re.compile(r"(?P<machine>[0-9a-f]{8})-(?P<pid>[0-9]+)-[a-z0-9_]+")
+
+
+def _machine() -> str:
+    ident = socket.gethostname()
+    with contextlib.suppress(OSError):  # pid namespaces are Linux's; elsewhere the host
+        ident += f":{os.stat('/proc/self/ns/pid').st_ino}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
+def _tag_prefix() -> str:
+    """The start of a new temporary's TAG; ``tempfile`` appends the RANDOM part."""
+    return f"{_machine()}-{os.getpid()}-"
+
+
+def _writer_alive(tag: str) -> bool | None:
+    """Whether the process that named a temporary ``tag`` runs; ``None``: cannot tell."""
+    m = _TAG.fullmatch(tag)
+    # os.kill(pid, 0) terminates the process on Windows: only ask on POSIX.
+    if m is None or m["machine"] != _machine() or os.name != "posix":
+        return None
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except (OSError, OverflowError):
+        return None
+    return True
+
+
+def _last_change(path: pathlib.Path) -> float:
+    """The newest mtime of ``path`` and, for a directory, of what it holds."""
+    newest = os.lstat(path).st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for entry in os.scandir(path):
+            with contextlib.suppress(OSError):
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def _temporaries(target: pathlib.Path, suffixes) -> list[tuple[pathlib.Path, str]]:
+    """``(path, TAG)`` of every temporary of ``target`` (and of no other target)."""
+    prefix = f".{target.name}."
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        suffix = next((s for s in suffixes if name.endswith(s)), None)
+        if suffix is None or not name.startswith(prefix):
+            continue
+        tag = name[len(prefix): -len(suffix)]
+        if tag and "." not in tag:
+            found.append((target.parent / name, tag))
+    return sorted(found)
+
+
+def _is_stale(path: pathlib.Path, tag: str) -> bool:
+    alive = _writer_alive(tag)
+    if alive is False:
+        return True
+    try:
+        return time.time() - _last_change(path) > STALE_AFTER_S
+    except OSError:  # gone already (its writer finished, or another cleaner was faster)
+        return False
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _remove_stale(target: pathlib.Path, suffixes) -> list[pathlib.Path]:
+    removed = []
+    for path, tag in _temporaries(target, suffixes):
+        if _is_stale(path, tag):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[pathlib.Path]:
+    """Remove the ``.NAME.*.tmp`` temporaries that writers killed part-way left beside
+    ``path``; return them.
+
+    Only ``path``'s own temporaries are considered, and only stale ones are removed:
+    their writer is known to be dead, or nothing in them changed for a day (see the
+    comment above). A temporary that a live process may be writing is kept. Best effort:
+    what cannot be removed (a read-only directory) is left alone, silently. The copy an
+    interrupted directory swap left (``.NAME.*.old``, see :func:`interrupted_copy`) is
+    kept: it may be the only complete adapter. :func:`write_dir_atomic` and
+    :func:`write_bytes_atomic` call this before writing; the loaders call it too.
+
+    Example:
+      >>> import tempfile, pathlib, os, time
+      >>> root = pathlib.Path(tempfile.mkdtemp())
+      >>> (root / ".ad.0123abcd.tmp").mkdir()  # no writer in the name: only its age tells
+      >>> remove_stale_temporaries(root / "ad")  # changed just now: kept
+      []
+      >>> then = time.time() - 2 * STALE_AFTER_S
+      >>> os.utime(root / ".ad.0123abcd.tmp", (then, then))
+      >>> [p.name for p in remove_stale_temporaries(root / "ad")]
+      ['.ad.0123abcd.tmp']
+    """
+    return _remove_stale(pathlib.Path(path), (".tmp",))
+
+
 # -- atomic writes ----------------------------------------------------------------------
 
 
@@ -100,7 +239,8 @@ def _write_file(path: pathlib.Path, data: bytes) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """Write ``data`` to ``path`` via a temporary file in the same directory and a rename.
 
-    Readers see the old file or the new one, never a partial one.
+    Readers see the old file or the new one, never a partial one. Stale temporaries of
+    ``path`` (from a writer killed part-way) are removed first.
 
     Example:
       >>> import tempfile, pathlib
@@ -110,7 +250,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path, (".tmp",))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_tag_prefix()}", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     try:
         _write_file(pathlib.Path(tmp), data)
@@ -148,6 +290,9 @@ def write_dir_atomic(
     renamed aside (``.NAME.xxxx.old``) and deleted once the new one is in place; if the
     new one cannot be moved in, the old one is put back. A crash between the two renames
     leaves the old directory complete beside ``path`` (see :func:`interrupted_copy`).
+    Stale temporaries of ``path`` (see :func:`remove_stale_temporaries`) are removed
+    before writing, and stale ``.old`` copies once the new directory is in place (it
+    supersedes them).
 
     Args:
       path: the directory to create or replace.
@@ -171,8 +316,9 @@ def write_dir_atomic(
     target = pathlib.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _check_replaceable(target, set(files), what)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp",
-                                        dir=target.parent))
+    _remove_stale(target, (".tmp",))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.{_tag_prefix()}",
+                                        suffix=".tmp", dir=target.parent))
     old = None
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the directory is meant to be shared
@@ -180,7 +326,7 @@ def write_dir_atomic(
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
         if target.exists():
-            old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+            old = tmp.with_suffix(".old")  # the same unique TAG
             os.rename(target, old)
         os.rename(tmp, target)
         _fsync_dir(target.parent)
@@ -191,13 +337,14 @@ def write_dir_atomic(
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    _remove_stale(target, (".old",))
     return target
 
 
 def interrupted_copy(path: str | os.PathLike) -> pathlib.Path | None:
     """The previous directory an interrupted :func:`write_dir_atomic` left beside ``path``.
 
-    ``None`` when there is none; the last in name order when there are several.
+    ``None`` when there is none; the most recently changed when there are several.
 
     Example:
       >>> import tempfile, pathlib
@@ -206,11 +353,11 @@ def interrupted_copy(path: str | os.PathLike) -> pathlib.Path | None:
       >>> interrupted_copy(root / "ad").name, interrupted_copy(root / "other")
       ('.ad.0123abcd.old', None)
     """
-    target = pathlib.Path(path)
-    if not target.parent.is_dir():
-        return None
-    leftovers = sorted(target.parent.glob(f".{target.name}.*.old"))
-    return leftovers[-1] if leftovers else None
+    leftovers = []
+    for copy, _ in _temporaries(pathlib.Path(path), (".old",)):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            leftovers.append((_last_change(copy), copy.name, copy))
+    return max(leftovers)[2] if leftovers else None
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -4,20 +4,26 @@ An adapter directory holds two files::
 
   my_adapter/
     jlora_adapter.safetensors   the factors, keyed "<kernel path>/a", ".../b", ".../magnitude"
-    jlora_adapter.json          per kernel: layout, rank, alpha, policy, scale, variant,
-                                dropout, kernel shape and each tensor's shape and dtype;
-                                the jlora version, the format version and the weights'
-                                sha256
+    jlora_adapter.json          per kernel: layout (in the kernel's own axis order, e.g.
+                                "oi"), whether it was guessed, rank, alpha, policy, scale,
+                                variant, dropout, kernel shape and each tensor's shape and
+                                dtype; the jlora version, the format version and the
+                                weights' sha256
 
 The JSON holds every static field of each :class:`~jlora.Adapter`, so :func:`load` needs
 neither the ``LoraConfig`` nor the params. A custom (callable) scaling policy cannot be
 written down; its *value* for each kernel is, with ``"policy": "custom"`` and a note
-saying so. Factors keep their dtype (bfloat16 round-trips bit for bit).
+saying so. Factors keep their dtype (bfloat16 round-trips bit for bit). A layout that
+was guessed from the kernel's shape rather than given or read from the model is saved
+with ``"layout_guessed": true`` and loads as guessed, so the checks that apply to a
+guessed layout still apply after a round trip (files without the field hold given
+layouts).
 
 :func:`save` writes into a fresh temporary directory beside the target and renames it
-into place, so a crash never leaves a half-written adapter. :func:`load` checks the
-weights' checksum, every tensor's shape and dtype against the JSON, and, given
-``params``, every path, shape and dtype against the model.
+into place, so a crash never leaves a half-written adapter; the next save or load there
+removes the temporary a killed save left. :func:`load` checks the weights' checksum,
+every tensor's shape and dtype against the JSON, and, given ``params``, every path,
+shape and dtype against the model.
 
 The same JSON (:func:`adapter_metadata`) is what a training checkpoint stores beside the
 arrays, and :func:`abstract_adapters` turns it back into a restore template (see
@@ -55,6 +61,7 @@ from jlora.files import (
     interrupted_copy,
     parse_safetensors,
     read_json,
+    remove_stale_temporaries,
     safetensors_bytes,
     write_dir_atomic,
 )
@@ -129,6 +136,7 @@ def adapter_metadata(adapters: Adapters) -> dict:
         _check_scale(ad.policy, ad.rank, ad.alpha, ad.scale, f"the adapter at path {path!r}")
         entry = {
             "layout": ad.layout.axes,
+            "layout_guessed": bool(ad.layout.guessed),
             "rank": int(ad.rank),
             "alpha": float(ad.alpha),
             "policy": ad.policy,
@@ -192,9 +200,12 @@ def _parse_kernel(path: str, entry: Any, where: str) -> dict:
     where = f"{where}, adapter {path!r},"
     if not isinstance(entry, Mapping):
         raise AdapterFormatError(f"{where} is {entry!r}; expected an object.")
-    axes = _require(entry, "layout", str, where, "a layout string such as 'io'")
+    axes = _require(entry, "layout", str, where, "a layout string such as 'io' or 'oi'")
+    guessed = False  # written since layouts could be guessed; older files hold given ones
+    if "layout_guessed" in entry:
+        guessed = _require(entry, "layout_guessed", bool, where, "true or false")
     try:
-        layout = Layout(axes)
+        layout = Layout(axes, guessed=guessed)
     except LayoutError as e:
         raise AdapterFormatError(f"{where} has an invalid layout: {e}") from None
     rank = _require(entry, "rank", int, where, "a positive int")
@@ -207,11 +218,11 @@ def _parse_kernel(path: str, entry: Any, where: str) -> dict:
         _require(entry, "kernel_shape", list, where, "the kernel's shape"), where, "kernel_shape"
     )
     tensors = _require(entry, "tensors", Mapping, where, "{name: {shape, dtype}}")
-    if rank <= 0 or not (math.isfinite(alpha) and alpha > 0):
+    if rank <= 0 or not (math.isfinite(alpha) and float(alpha) > 0):
         raise AdapterFormatError(f"{where} has rank={rank}, alpha={alpha}; both must be > 0.")
-    if not (math.isfinite(scale) and scale > 0):
+    if not (math.isfinite(scale) and float(scale) > 0):
         raise AdapterFormatError(f"{where} has scale={scale}; expected a positive number.")
-    if not 0.0 <= dropout < 1.0:
+    if not 0.0 <= float(dropout) < 1.0:
         raise AdapterFormatError(f"{where} has dropout={dropout}; expected a number in [0, 1).")
     if variant not in VARIANTS:
         raise AdapterFormatError(f"{where} has variant {variant!r}; expected one of {VARIANTS}.")
@@ -443,10 +454,11 @@ def load(path: str | os.PathLike, params=None) -> Adapters:
       >>> import tempfile, jax, jax.numpy as jnp, jlora
       >>> ads = jlora.init(jax.random.key(0), {"k": jnp.ones((4, 3))},
       ...                  jlora.LoraConfig(rank=1, targets="k"))
-      >>> jlora.load(jlora.save(tempfile.mkdtemp() + "/ad", ads))["k"].layout
-      Layout(axes='io')
+      >>> jlora.load(jlora.save(tempfile.mkdtemp() + "/ad", ads))["k"].layout  # still a guess
+      Layout('io', guessed=True)
     """
     target = pathlib.Path(path)
+    remove_stale_temporaries(target)  # what saves killed part-way left beside it
     json_file = target / JSON_NAME
     if not json_file.is_file():
         raise _missing_dir_error(target)

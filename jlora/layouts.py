@@ -222,7 +222,8 @@ class Layout:
         """Inverse of :meth:`to_canonical`: ``(*stacked, *fan_in, *fan_out)`` to kernel order."""
         if self.is_canonical:
             return x
-        return jnp.transpose(x, tuple(sorted(range(self.ndim), key=self.canonical_order.__getitem__)))
+        inverse = sorted(range(self.ndim), key=self.canonical_order.__getitem__)
+        return jnp.transpose(x, tuple(inverse))
 
     def to_matrix(self, kernel):
         """The kernel's matrix view ``(*stacked, prod(fan_in), prod(fan_out))``.
@@ -240,6 +241,36 @@ class Layout:
         stacked, fan_in, fan_out = self.split_shape(kernel_shape)
         return self.from_canonical(matrix.reshape(*stacked, *fan_in, *fan_out))
 
+    def factor_matrices(self, a: jax.Array, b: jax.Array):
+        """The factors' matrix views: ``A (*stacked, prod(fan_in), r)``, ``B (*stacked, r,
+        prod(fan_out))``, the two sides of :meth:`to_matrix`.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> a2, b2 = Layout("oiww").factor_matrices(jnp.zeros((4, 3, 3, 2)), jnp.zeros((2, 8)))
+          >>> a2.shape, b2.shape
+          ((36, 2), (2, 8))
+        """
+        ns = self.num_stacked
+        stacked = a.shape[:ns]
+        return (a.reshape(*stacked, math.prod(a.shape[ns:-1]), a.shape[-1]),
+                b.reshape(*stacked, b.shape[ns], math.prod(b.shape[ns + 1:])))
+
+    def factors_from_matrices(self, a2: jax.Array, b2: jax.Array, kernel_shape: Sequence[int]):
+        """Inverse of :meth:`factor_matrices` for a kernel of ``kernel_shape``: the factors
+        ``A (*stacked, *fan_in, r)`` and ``B (*stacked, r, *fan_out)``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> a, b = Layout("isoo").factors_from_matrices(
+          ...     jnp.zeros((4, 8, 2)), jnp.zeros((4, 2, 6)), (8, 4, 2, 3))
+          >>> a.shape, b.shape
+          ((4, 8, 2), (4, 2, 2, 3))
+        """
+        stacked, fan_in, fan_out = self.split_shape(kernel_shape)
+        return (a2.reshape(*stacked, *fan_in, a2.shape[-1]),
+                b2.reshape(*stacked, b2.shape[-2], *fan_out))
+
     def product(self, a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
         """``A @ B`` in this kernel's shape and axis order, accumulated in ``dtype``.
 
@@ -251,12 +282,10 @@ class Layout:
           (4, 3)
         """
         ns = self.num_stacked
-        stacked, fan_in, fan_out = a.shape[:ns], a.shape[ns:-1], b.shape[ns + 1:]
-        rank = a.shape[-1]
-        a2 = a.reshape(*stacked, math.prod(fan_in), rank).astype(dtype)
-        b2 = b.reshape(*stacked, rank, math.prod(fan_out)).astype(dtype)
-        ab = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
-        return self.from_matrix(ab, self.kernel_shape(stacked, fan_in, fan_out))
+        a2, b2 = self.factor_matrices(a, b)
+        ab = jnp.matmul(a2.astype(dtype), b2.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+        return self.from_matrix(ab, self.kernel_shape(a.shape[:ns], a.shape[ns:-1],
+                                                      b.shape[ns + 1:]))
 
 
 def _name_at(path: str, i: int) -> str:
@@ -304,7 +333,7 @@ def infer_layout(path: str, shape: Sequence[int]) -> Layout:
 def resolve_layout(
     path: str,
     shape: Sequence[int],
-    layout_patterns: Sequence[tuple[re.Pattern, str]] = (),
+    layout_patterns: Sequence[tuple[re.Pattern, str | Layout]] = (),
 ) -> Layout:
     """The layout of the kernel at ``path``: the first matching pattern, else inferred.
 

@@ -1,8 +1,9 @@
 """`merge` / `unmerge`: dense weights in, dense weights out.
 
 ``merge(params, adapters)`` replaces each adapted kernel ``W`` with ``W + s · A @ B``
-(DoRA: ``m · (W + s·A@B) / ‖W + s·A@B‖``), computed in float32 and cast back to the
-kernel's dtype, so bf16 kernels do not lose the update to bf16 accumulation.
+(DoRA: ``m · (W + s·A@B) / ‖W + s·A@B‖``; each adapter's variant says how), computed in
+float32 and cast back to the kernel's dtype, so bf16 kernels do not lose the update to
+bf16 accumulation. Kernels may store their axes in any order (see :mod:`jlora.layouts`).
 Pure and jittable; the params tree keeps its structure and every other leaf.
 """
 
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import paths as paths_lib
+from jlora._variant import get_variant
 from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.layouts import Layout
 
@@ -37,6 +39,7 @@ def check_adapters_fit(params, adapters: Adapters) -> dict:
     flat = paths_lib.select(params, ".*", allow_empty=True)
     for path, adapter in adapters.items():
         adapter.validate(path)
+        get_variant(adapter.variant).check(adapter, path)
         if path not in flat:
             near = ", ".join(repr(p) for p in paths_lib.nearest_paths(path, flat, n=3))
             raise ValueError(
@@ -53,7 +56,8 @@ def check_adapters_fit(params, adapters: Adapters) -> dict:
 
 
 def delta(adapters: Adapters) -> dict:
-    """``{path: s · A @ B}`` in each kernel's shape, float32 (DoRA's norm not applied).
+    """``{path: s · A @ B}`` in each kernel's shape, float32: the low-rank update every
+    variant shares (DoRA's norm, which needs the kernel, not applied).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -62,6 +66,7 @@ def delta(adapters: Adapters) -> dict:
       >>> jlora.delta(ads)["k"].shape
       (3, 2)
     """
+    check_adapters(adapters)
     return {path: adapter.delta() for path, adapter in adapters.items()}
 
 
@@ -71,51 +76,86 @@ def delta(adapters: Adapters) -> dict:
 MAX_UPDATE_BYTES = 16 * 2**20
 
 
-def _rows_per_slice(fan_in: int, fan_out: int) -> int:
-    """The largest divisor of ``fan_in`` whose ``rows x fan_out`` float32 update fits."""
-    limit = max(1, MAX_UPDATE_BYTES // (4 * fan_out))
-    return max(d for d in range(1, min(fan_in, limit) + 1) if fan_in % d == 0)
-
-
 def _updated_kernel(kernel: jax.Array, adapter: Adapter, sign: float) -> jax.Array:
-    """``W ± s·A@B`` (or DoRA's merge) of one kernel, computed in float32."""
-    if adapter.variant == "dora":
-        from jlora import variants
+    """``kernel`` merged (``sign=+1``) or unmerged (``-1``) by its adapter's variant."""
+    variant = get_variant(adapter.variant)
+    return variant.merge(kernel, adapter) if sign > 0 else variant.unmerge(kernel, adapter)
 
-        return variants.dora_merged_kernel(kernel, adapter)
-    return (kernel.astype(jnp.float32) + sign * adapter.delta()).astype(kernel.dtype)
+
+def _slicing(shape, layout: Layout, whole_fan_in: bool):
+    """How to cut a kernel into slices whose float32 update fits ``MAX_UPDATE_BYTES``.
+
+    Every stacked axis is walked one index at a time. Then the other axes a slice may
+    cut (all of them, or only the fan-out axes when the variant needs the whole fan-in)
+    are walked in the kernel's order, the outermost first, until the rest of the slice
+    fits; the axis where it first fits is cut into blocks of the largest size dividing
+    it. Returns ``(walked axes, (blocked axis, block size) or None)``.
+    """
+    limit = max(1, MAX_UPDATE_BYTES // 4)
+    walked = list(layout.stacked_axes)
+    rest = [k for k in range(len(shape)) if k not in walked]
+    cuttable = [k for k in rest if not (whole_fan_in and k in layout.fan_in_axes)]
+    for n, axis in enumerate(cuttable):
+        inner = math.prod(shape[k] for k in rest if k != axis and k not in walked)
+        fitting = [d for d in range(1, shape[axis] + 1)
+                   if shape[axis] % d == 0 and d * inner <= limit]
+        if fitting or n == len(cuttable) - 1:
+            return tuple(walked), (axis, max(fitting, default=1))
+        walked.append(axis)
+    return tuple(walked), None
 
 
 def _updated_in_slices(kernel: jax.Array, adapter: Adapter, sign: float) -> jax.Array:
-    """The same update, written into ``kernel`` one (layer, row-block) slice at a time.
+    """The same update, written into ``kernel`` in place one slice at a time.
 
-    Every layout is ``(*stacked, *fan_in, *fan_out)`` in that order, so the kernel is a
-    ``(layers, fan_in, fan_out)`` array; each slice is a block of fan-in rows of one
-    layer (a whole layer for DoRA, whose norm spans the fan-in).
+    The slices are taken in the kernel's own axis order (stacked axes may be anywhere,
+    e.g. MaxText's ``(embed, layers, heads, head_dim)``), so the loop updates the donated
+    buffer itself; each slice keeps every axis and is merged with the matching slices of
+    ``A``, ``B`` and the magnitude, under the same layout.
     """
-    lay = adapter.layout
-    layers = math.prod(kernel.shape[: lay.num_stacked])
-    fan_in = math.prod(kernel.shape[i] for i in lay.fan_in_axes)
-    fan_out = math.prod(kernel.shape[i] for i in lay.fan_out_axes)
-    rows = fan_in if adapter.variant == "dora" else _rows_per_slice(fan_in, fan_out)
-    blocks = fan_in // rows
-    if layers * blocks == 1:
+    dequantized = getattr(kernel, "dequantized", None)  # a jlora.quantization.QuantizedKernel
+    if dequantized is not None:
+        # A quantized kernel merges into a float one (its dequantized values plus the
+        # update), as a plain kernel merges into its own dtype.
+        kernel = dequantized()
+    lay, shape = adapter.layout, tuple(kernel.shape)
+    walked, block = _slicing(shape, lay, get_variant(adapter.variant).merge_needs_whole_fan_in)
+    sizes = [1 if k in walked else shape[k] for k in range(len(shape))]
+    counts = [shape[k] for k in walked]
+    if block is not None:
+        sizes[block[0]] = block[1]
+        counts.append(shape[block[0]] // block[1])
+    if math.prod(counts) == 1:
         return _updated_kernel(kernel, adapter, sign)
-    rank = adapter.rank
-    w = kernel.reshape(layers * blocks, rows, fan_out)
-    a = adapter.a.reshape(layers * blocks, rows, rank)
-    b = adapter.b.reshape(layers, rank, fan_out)
-    m = None
-    if adapter.magnitude is not None:
-        m = adapter.magnitude.reshape(layers, fan_out)
-    flat = adapter.replace(layout=Layout("io"))
+    ns, cut = lay.num_stacked, [*walked, *([block[0]] if block else [])]
+    # Where each kernel axis sits in A (*stacked, *fan_in, r), B (*stacked, r, *fan_out)
+    # and the magnitude (*stacked, *fan_out).
+    stacked_at = {axis: pos for pos, axis in enumerate(lay.stacked_axes)}
+    at = {
+        "a": {**stacked_at, **{axis: ns + t for t, axis in enumerate(lay.fan_in_axes)}},
+        "b": {**stacked_at, **{axis: ns + 1 + t for t, axis in enumerate(lay.fan_out_axes)}},
+        "magnitude": {**stacked_at, **{axis: ns + t for t, axis in enumerate(lay.fan_out_axes)}},
+    }
 
     def body(i, w):
-        layer = i // blocks
-        piece = flat.replace(a=a[i], b=b[layer], magnitude=None if m is None else m[layer])
-        return w.at[i].set(_updated_kernel(w[i], piece, sign))
+        index = jnp.unravel_index(i, counts)
+        starts = {axis: index[j] * sizes[axis] for j, axis in enumerate(cut)}
 
-    return jax.lax.fori_loop(0, layers * blocks, body, w).reshape(kernel.shape)
+        def piece(name, x):
+            if x is None:
+                return None
+            start, size = [0] * x.ndim, list(x.shape)
+            for axis, pos in at[name].items():
+                if axis in starts:
+                    start[pos], size[pos] = starts[axis], sizes[axis]
+            return jax.lax.dynamic_slice(x, start, size)
+
+        part = adapter.replace(**{name: piece(name, getattr(adapter, name)) for name in at})
+        w_start = [starts.get(k, 0) for k in range(len(shape))]
+        updated = _updated_kernel(jax.lax.dynamic_slice(w, w_start, sizes), part, sign)
+        return jax.lax.dynamic_update_slice(w, updated, w_start)
+
+    return jax.lax.fori_loop(0, math.prod(counts), body, kernel)
 
 
 def _apply_updates(params, adapters: Adapters, sign: float):
@@ -155,11 +195,12 @@ def unmerge(params, adapters: Adapters):
       >>> bool(jnp.allclose(back["dense"]["kernel"], 1.0))
       True
     """
+    check_adapters(adapters)
     for path, adapter in adapters.items():
-        if isinstance(adapter, Adapter) and adapter.variant == "dora":
+        refusal = get_variant(adapter.variant).unmerge_refusal
+        if refusal:
             raise ValueError(
-                f"Cannot unmerge the DoRA adapter at path {path!r}: the merged kernel "
-                "m·V/‖V‖ no longer holds ‖V‖. Keep the original params to undo a DoRA merge."
+                f"Cannot unmerge the {adapter.variant!r} adapter at path {path!r}: {refusal}"
             )
     return _apply_updates(params, adapters, -1.0)
 

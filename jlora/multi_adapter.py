@@ -102,7 +102,7 @@ jax.tree_util.register_dataclass(AdapterBank, data_fields=["adapters"], meta_fie
 def _pad_rank(adapter: Adapter, rank: int, fold_scale: bool) -> Adapter:
     """The same update at ``rank`` (zero columns of A, zero rows of B), scale folded
     into B when asked (then ``scale = 1``)."""
-    ns = adapter.layout.num_stacked
+    ns = adapter.layout.num_stacked  # factors lead with the stacked axes, whatever the kernel
     extra = rank - adapter.rank
     a = jnp.pad(adapter.a, [(0, 0)] * (adapter.a.ndim - 1) + [(0, extra)])
     b = adapter.b
@@ -228,7 +228,8 @@ def _weighted_linear(present, weights, path):
             f"combination_type='linear' needs adapters of the same rank, but the kernel at "
             f"path {path!r} has ranks {sorted(ranks)}. Use 'cat' or 'svd'."
         )
-    a = b = 0.0
+    a = jnp.zeros(present[0].a.shape, jnp.float32)
+    b = jnp.zeros(present[0].b.shape, jnp.float32)
     for ad, w in zip(present, weights, strict=True):
         ws = w * ad.scale
         # PEFT: sqrt(|w·s|) on both factors, the sign on A only.
@@ -238,7 +239,7 @@ def _weighted_linear(present, weights, path):
 
 
 def _weighted_cat(present, weights):
-    ns = present[0].layout.num_stacked
+    ns = present[0].layout.num_stacked  # B's rank axis follows its (leading) stacked axes
     a = jnp.concatenate([w * ad.scale * ad.a.astype(jnp.float32)
                          for ad, w in zip(present, weights, strict=True)], axis=-1)
     b = jnp.concatenate([ad.b.astype(jnp.float32) for ad in present], axis=ns)
@@ -256,7 +257,7 @@ def _weighted_svd(present, weights, path, rank, clamp):
             f"int in [1, {min(math.prod(fan_in), math.prod(fan_out))}] (min(fan-in, fan-out))."
         )
     delta = sum(w * ad.delta() for ad, w in zip(present, weights, strict=True))
-    m = delta.reshape(*stacked, math.prod(fan_in), math.prod(fan_out))
+    m = lay.to_matrix(delta)  # (*stacked, fan-in, fan-out), whatever the kernel's axis order
     u, s, vh = jnp.linalg.svd(m, full_matrices=False)
     # As PEFT: the singular values go with B (PEFT's lora_B = U·S in torch's (out, in)).
     a = u[..., :rank]

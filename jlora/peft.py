@@ -10,10 +10,24 @@ A PEFT adapter is a directory with two files::
   adapter_config.json         r, lora_alpha, use_rslora, rank_pattern, alpha_pattern,
                               target_modules, use_dora, peft_type, ...
 
-Flax stores the same numbers transposed: a Dense kernel ``(in, out)`` is torch's
-``weight.T``, a conv kernel ``(*window, in, out)`` is ``weight.permute(2, 3, 1, 0)``, an
-``Embed`` table ``(vocab, features)`` is ``weight`` itself. A DenseGeneral kernel is a
-``Linear`` whose fan-in and fan-out axes are flattened in C order (heads-major).
+jlora reads every kernel through its layout (:mod:`jlora.layouts`), so the axis order a
+model stores it in does not matter: ``lora_A`` is always ``A``'s matrix view transposed,
+``(r, fan_in)``, and ``lora_B`` is ``B``'s, ``(fan_out, r)``. A Dense kernel ``(in, out)``
+(layout ``"io"``) is torch's ``weight.T`` and a kernel stored ``(out, in)`` (``"oi"``, as
+transformers' Flax GPT-2 stores its Conv1D kernels) is ``weight`` itself; both get the
+same factors. A DenseGeneral kernel is a ``Linear`` whose fan-in and fan-out axes are
+each flattened in the kernel's own order (C order: ``(heads, head_dim)`` heads-major). A
+conv kernel (window axes ``w``, e.g. flax's ``(*window, in, out)``, ``"wwio"``, or torch's
+``(out, in, *window)``, ``"oiww"``) is a ``Conv`` with ``lora_A (r, in, *window)``; an
+``Embed`` table (``"vf"`` or ``"fv"``) is an ``Embedding``.
+
+**Guessed layouts are checked against the file.** Without ``layouts=``, a 2-D kernel's
+layout is *guessed* as ``"io"`` (flax's convention). :func:`load` refuses, with a
+:class:`~jlora.layouts.LayoutError`, a guess that the factor shapes contradict (a
+non-square kernel fits only one orientation) and a guessed square 2-D kernel when the
+adapter has ``fan_in_fan_out=true`` (PEFT's Conv1D weights, GPT-2: the Flax port's
+orientation cannot be told from a square shape), rather than apply an update transposed.
+Layouts given in ``layouts=`` (by hand or from ``jlora.infer_layouts``) are trusted.
 
 **Module names.** PEFT names modules by their torch path, ``layers.0.self_attn.q_proj``.
 By default a kernel's module name is its jlora path without a leading ``params``
@@ -63,6 +77,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import numbers
@@ -85,6 +100,7 @@ from jlora.files import (
     interrupted_copy,
     read_json,
     read_safetensors,
+    remove_stale_temporaries,
     safetensors_bytes,
     write_dir_atomic,
 )
@@ -291,7 +307,7 @@ def _is_targeted(config: Mapping, name: str) -> bool:
         if match is None:
             return False
         index = int(match.group("idx"))
-        return index == indexes if isinstance(indexes, int) else index in indexes
+        return index == indexes if isinstance(indexes, int) else index in (indexes or ())
     return found
 
 
@@ -301,11 +317,11 @@ def _is_targeted(config: Mapping, name: str) -> bool:
 # change what the saved factors mean.
 _IGNORED = {
     "auto_mapping", "base_model_name_or_path", "corda_config", "eva_config",
-    "fan_in_fan_out", "inference_mode", "lora_ga_config", "megatron_core", "peft_version",
+    "inference_mode", "lora_ga_config", "megatron_core", "peft_version",
     "qalora_group_size", "revision", "runtime_config", "task_type", "velora_config",
 }
 _USED = {
-    "alpha_pattern", "exclude_modules", "init_lora_weights", "layers_pattern",
+    "alpha_pattern", "exclude_modules", "fan_in_fan_out", "init_lora_weights", "layers_pattern",
     "layers_to_transform", "lora_alpha", "lora_dropout", "peft_type", "r", "rank_pattern",
     "target_modules", "use_dora", "use_rslora", "bias",
 }
@@ -395,25 +411,34 @@ def _check_config(config: Any, file: str) -> dict:
     ranks = [("r", out["r"]),
              *((f"rank_pattern[{k!r}]", v) for k, v in out["rank_pattern"].items())]
     for field, value in ranks:
-        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
+        if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                and int(value) > 0):
             raise ValueError(f"{file} has `{field}`={value!r}: expected a positive int.")
     alphas = [("lora_alpha", out["lora_alpha"]),
               *((f"alpha_pattern[{k!r}]", v) for k, v in out["alpha_pattern"].items())]
     for field, value in alphas:
         if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                and math.isfinite(value) and value > 0):
+                and math.isfinite(value) and float(value) > 0):
             raise ValueError(f"{file} has `{field}`={value!r}: expected a positive number.")
-    for field in ("use_rslora", "use_dora"):
+    for field in ("use_rslora", "use_dora", "fan_in_fan_out"):
         out[field] = out.get(field, False)
         if not isinstance(out[field], bool):
             raise ValueError(f"{file} has `{field}`={out[field]!r}: expected true or false.")
     dropout = out.get("lora_dropout", 0.0)
-    if not (isinstance(dropout, numbers.Real) and 0.0 <= dropout < 1.0):
+    if not (isinstance(dropout, numbers.Real) and 0.0 <= float(dropout) < 1.0):
         raise ValueError(f"{file} has `lora_dropout`={dropout!r}: expected a number in [0, 1).")
     return out
 
 
 # -- tensors: jlora factors <-> PEFT tensors --------------------------------------------
+
+
+def _layer(layout: Layout, shape) -> tuple[Layout, tuple[int, ...], tuple[int, ...]]:
+    """``(layout, shape, stacked sizes)`` of one layer of a kernel (its stacked axes, wherever
+    they are, indexed away): PEFT has one module per layer."""
+    stacked, fan_in, fan_out = layout.split_shape(shape)
+    inner = layout.unstacked(layout.num_stacked)
+    return inner, inner.kernel_shape((), fan_in, fan_out), stacked
 
 
 def _peft_shapes(layout: Layout, kernel_shape: tuple[int, ...], rank: int) -> dict:
@@ -425,7 +450,7 @@ def _peft_shapes(layout: Layout, kernel_shape: tuple[int, ...], rank: int) -> di
                     a_key="lora_embedding_A", b_key="lora_embedding_B")
     if layout.kind == "conv":
         window = tuple(kernel_shape[i] for i in layout.window_axes)
-        (cin,), (cout,) = fan_in[len(window):], fan_out
+        cin, (cout,) = kernel_shape[layout.axes.index("i")], fan_out
         ones = (1,) * len(window)
         return dict(A=(rank, cin, *window), B=(cout, rank, *ones), M=(1, cout, *ones),
                     a_key="lora_A.weight", b_key="lora_B.weight")
@@ -433,12 +458,25 @@ def _peft_shapes(layout: Layout, kernel_shape: tuple[int, ...], rank: int) -> di
                 M=(math.prod(fan_out),), a_key="lora_A.weight", b_key="lora_B.weight")
 
 
+def _conv_a_axes(layout: Layout) -> tuple[int, ...]:
+    """For each axis of a conv's ``A`` (its fan-in axes in the kernel's order, then the
+    rank), the matching axis of PEFT's ``lora_A (r, in, *window)``."""
+    out, window = [], 2
+    for k in layout.fan_in_axes:
+        if layout.axes[k] == "i":
+            out.append(1)
+        else:
+            out.append(window)
+            window += 1
+    return (*out, 0)
+
+
 def _to_peft(layout: Layout, a, b, m) -> tuple:
     """One unstacked kernel's ``(A, B, magnitude)`` in PEFT's layout (jnp: traceable)."""
     rank = a.shape[-1]
     if layout.kind == "conv":
         nw = len(layout.window_axes)
-        big_a = jnp.transpose(a, (nw + 1, nw, *range(nw)))  # (*w, in, r) -> (r, in, *w)
+        big_a = jnp.transpose(a, tuple(np.argsort(_conv_a_axes(layout))))
         big_b = b.T.reshape(b.shape[1], rank, *([1] * nw))
         mag = None if m is None else m.reshape(1, -1, *([1] * nw))
     else:  # dense and embedding: flatten the fan axes, then transpose
@@ -453,8 +491,7 @@ def _from_peft(layout: Layout, kernel_shape, big_a, big_b, mag) -> tuple:
     _, fan_in, fan_out = layout.split_shape(kernel_shape)
     rank = big_a.shape[0]
     if layout.kind == "conv":
-        nw = len(layout.window_axes)
-        a = np.transpose(big_a, (*range(2, 2 + nw), 1, 0))
+        a = np.transpose(big_a, _conv_a_axes(layout))
         b = big_b.reshape(big_b.shape[0], rank).T
     else:
         a = big_a.T.reshape(*fan_in, rank)
@@ -468,6 +505,7 @@ def _from_peft(layout: Layout, kernel_shape, big_a, big_b, mag) -> tuple:
 
 def _read_dir(path) -> tuple[dict, dict[str, np.ndarray], dict[str, str], str]:
     directory = pathlib.Path(path)
+    remove_stale_temporaries(directory)  # what saves killed part-way left beside it
     config_file = directory / CONFIG_NAME
     weights_file = directory / WEIGHTS_NAME
     if not config_file.is_file():
@@ -622,7 +660,7 @@ def export(
 
     kernels = []
     for p, ad in adapters.items():
-        ns = ad.layout.num_stacked
+        ns = ad.layout.num_stacked  # the factors lead with the stacked axes, in layout order
         kernels.append((p, _template(p, ns, names), tuple(ad.a.shape[:ns])))
     table = _name_table(kernels)
     modules = collections.defaultdict(list)
@@ -656,9 +694,8 @@ def export(
 
     tensors = {}
     for p, ad in adapters.items():
-        ns = ad.layout.num_stacked
-        inner = ad.layout.unstacked(ns)
-        keys = _peft_shapes(inner, ad.kernel_shape[ns:], ad.rank)
+        inner, layer_shape, _ = _layer(ad.layout, ad.kernel_shape)
+        keys = _peft_shapes(inner, layer_shape, ad.rank)
         for idx, name in modules[p]:
             m = None if ad.magnitude is None else ad.magnitude[idx]
             big_a, big_b, mag = _to_peft(inner, ad.a[idx], ad.b[idx], m)
@@ -748,7 +785,7 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], file: str) -> dict[str, di
     return modules
 
 
-def _candidates(params, layouts: Mapping[str, str], names: Names):
+def _candidates(params, layouts: Mapping[str, str | Layout], names: Names):
     """``({module name: (path, index)}, {path: (leaf, layout)}, {path: layout error})``."""
     flat = paths_lib.select(params, ".*", allow_empty=True)
     # LoraConfig validates `layouts` (patterns compile, layout strings are valid).
@@ -766,8 +803,8 @@ def _candidates(params, layouts: Mapping[str, str], names: Names):
             unresolved[path] = str(e)
             continue
         kernels[path] = (leaf, layout)
-        ns = layout.num_stacked
-        entries.append((path, _template(path, ns, names), tuple(shape[:ns])))
+        stacked = layout.split_shape(shape)[0]
+        entries.append((path, _template(path, layout.num_stacked, names), stacked))
     _check_names_arg(names, list(kernels) + list(unresolved), "a kernel of `params`")
     for pattern, _ in patterns:
         paths_lib.matching_paths(list(kernels) + list(unresolved), pattern,
@@ -780,7 +817,7 @@ def load(
     params,
     *,
     names: Names = None,
-    layouts: Mapping[str, str] | None = None,
+    layouts: Mapping[str, str | Layout] | None = None,
     dtype=None,
 ) -> Adapters:
     """Read a PEFT LoRA adapter directory into adapters for ``params``.
@@ -791,8 +828,10 @@ def load(
         ``variables["params"]``, an NNX state, any pytree); only shapes are read.
       names: module names where the default naming does not fit (see the module
         docstring): a callable ``path -> name or None`` or a dict ``{path: name}``.
-      layouts: ``{pattern: layout}`` as in :class:`jlora.LoraConfig`, for kernels whose
-        layout cannot be inferred; stacked (scanned) kernels need ``"s..."`` here.
+      layouts: ``{pattern or path: layout}`` as in :class:`jlora.LoraConfig`, e.g. the
+        result of ``jlora.infer_layouts(fn, params, *args)``, or by hand: ``"oi"`` for a
+        kernel stored ``(out, in)``, ``"s..."`` for stacked (scanned) kernels. These are
+        trusted; a kernel without one gets a guessed layout, checked against the file.
       dtype: the factors' dtype; by default the file's.
 
     Returns:
@@ -801,6 +840,10 @@ def load(
 
     Raises:
       FileNotFoundError: ``path`` lacks one of the two files.
+      LayoutError: (a ``ValueError``) a guessed layout that the file contradicts (factor
+        shapes that fit only another orientation of the kernel) or cannot confirm (a
+        square 2-D kernel of an adapter with ``fan_in_fan_out=true``), naming each path,
+        the evidence and the ``layouts=`` to pass.
       ValueError: naming the file, module or path and what is wrong; a file that is not
         valid JSON or safetensors (truncated, corrupted) is a
         :class:`jlora.files.AdapterFormatError`.
@@ -829,6 +872,7 @@ def load(
     use_rslora = config.get("use_rslora", False)
 
     per_path: dict[str, dict[tuple, dict]] = collections.defaultdict(dict)
+    doubts: dict[str, tuple] = {}  # {path: (guess, shape, why it cannot be used, fix)}
     for name, entry in modules.items():
         if not _is_targeted(config, name):
             raise ValueError(
@@ -848,8 +892,7 @@ def load(
             raise _unknown_module_error(name, table, unresolved, weights_file)
         kpath, idx = table[name]
         leaf, layout = kernels[kpath]
-        ns = layout.num_stacked
-        inner, kshape = layout.unstacked(ns), tuple(leaf.shape[ns:])
+        inner, kshape, _ = _layer(layout, leaf.shape)
         rank = int(entry["A"].shape[0]) if entry["A"].ndim >= 1 else 0
         want_rank = int(_pattern_value(config, "rank_pattern", "r", name))
         if rank != want_rank:
@@ -858,14 +901,23 @@ def load(
                 f"{rank}) but {config_file} gives it rank {want_rank} (r / rank_pattern)."
             )
         _check_kind(name, entry, inner, kpath)
-        expected = _peft_shapes(inner, kshape, rank)
-        for role, what in (("A", "lora_A"), ("B", "lora_B"), ("M", "lora_magnitude_vector")):
-            if role in entry and tuple(entry[role].shape) != expected[role]:
-                raise ValueError(
-                    f"Module {name!r}: {what} in {weights_file} has shape "
-                    f"{tuple(entry[role].shape)} but the kernel at {_where(kpath, idx)} with "
-                    f"shape {kshape} (layout {inner.axes!r}) needs {expected[role]}."
-                )
+        fits = _fits(inner, kshape, rank, entry)
+        if layout.guessed:
+            doubt = _doubt(name, entry, layout, leaf.shape, fits, config["fan_in_fan_out"])
+            if doubt:
+                doubts.setdefault(kpath, (layout.axes, tuple(leaf.shape), *doubt))
+                continue
+        if inner.axes not in fits:
+            expected = _peft_shapes(inner, kshape, rank)
+            hint = (f" (the file's shapes fit the layout(s) {_restacked(layout, fits)} of this "
+                    "kernel: is `layouts=` right?)" if fits else "")
+            for role, what in (("A", "lora_A"), ("B", "lora_B"), ("M", "lora_magnitude_vector")):
+                if role in entry and tuple(entry[role].shape) != expected[role]:
+                    raise ValueError(
+                        f"Module {name!r}: {what} in {weights_file} has shape "
+                        f"{tuple(entry[role].shape)} but the kernel at {_where(kpath, idx)} with "
+                        f"shape {kshape} (layout {inner.axes!r}) needs {expected[role]}{hint}."
+                    )
         alpha = float(_pattern_value(config, "alpha_pattern", "lora_alpha", name))
         scale, policy = _peft_scale(rank, alpha, use_rslora), "rslora" if use_rslora else "standard"
         if name in extra:
@@ -873,6 +925,8 @@ def load(
         a, b, m = _from_peft(inner, kshape, entry["A"], entry["B"], entry.get("M"))
         per_path[kpath][idx] = dict(a=a, b=b, m=m, rank=rank, alpha=alpha, scale=scale,
                                     policy=policy, name=name)
+    if doubts:
+        raise _guessed_layouts_error(doubts, weights_file)
 
     dropout = float(config.get("lora_dropout", 0.0))
     variant = "dora" if use_dora else "lora"
@@ -881,11 +935,74 @@ def load(
         if kpath not in per_path:
             continue
         leaf, layout = kernels[kpath]
-        stacked = tuple(leaf.shape[: layout.num_stacked])
+        stacked = layout.split_shape(leaf.shape)[0]
         found = per_path[kpath]
         out[kpath] = _assemble(kpath, found, stacked, layout, variant, dropout, dtype, table)
     check_adapters_fit(params, out)  # a last guard: every adapter fits its kernel
     return out
+
+
+def _fits(layout: Layout, kernel_shape, rank: int, entry: dict) -> set[str]:
+    """The layouts, among the orders of ``layout``'s letters, that give one layer of the
+    kernel (``kernel_shape``) the file's factor shapes: the evidence for its orientation."""
+    out = set()
+    for order in set(itertools.permutations(layout.axes)):
+        candidate = Layout("".join(order))
+        shapes = _peft_shapes(candidate, kernel_shape, rank)
+        if all(tuple(entry[r].shape) == shapes[r] for r in ("A", "B", "M") if r in entry):
+            out.add(candidate.axes)
+    return out
+
+
+def _doubt(name, entry, layout: Layout, shape, fits: set[str], fan_in_fan_out: bool):
+    """``(why, layout to suggest)`` if the guessed ``layout`` of a kernel of ``shape`` cannot
+    be trusted for module ``name``, else None: the factors fit only other orientations of
+    the kernel, or both orientations of a square kernel whose adapter was trained on
+    PEFT's Conv1D (``fan_in_fan_out``)."""
+    inner, kshape, _ = _layer(layout, shape)
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if entry["embed"] else (
+        "lora_A", "lora_B")
+    if fits and inner.axes not in fits:
+        others = _restacked(layout, fits)
+        return (f"module {name!r} has {a_key} {tuple(entry['A'].shape)} and {b_key} "
+                f"{tuple(entry['B'].shape)}, which fit this kernel only as {others}"), others[0]
+    if fan_in_fan_out and inner.kind == "dense" and inner.ndim == 2 and kshape[0] == kshape[1]:
+        return (f"module {name!r} comes from an adapter with fan_in_fan_out=true (PEFT's "
+                "Conv1D, weights stored (in, out)) and the kernel is square, so its factors "
+                "fit both orientations: give 'oi' if the kernel is stored (out, in), as "
+                "transformers' Flax GPT-2 stores it, or 'io' if (in, out)"), _restacked(
+                    layout, ["oi"])[0]
+    return None
+
+
+def _restacked(layout: Layout, inner_layouts) -> list[str]:
+    """Full layouts of a kernel of ``layout``: its stacked axes where they are, one of
+    ``inner_layouts`` (one layer's layouts) in the other places."""
+    out = []
+    for inner in sorted(inner_layouts):
+        letters = iter(inner)
+        out.append("".join(c if c == "s" else next(letters) for c in layout.axes))
+    return out
+
+
+def _guessed_layouts_error(doubts: dict[str, tuple], file: str) -> LayoutError:
+    """One error for every kernel whose guessed layout the file contradicts or leaves open.
+
+    ``doubts`` is ``{path: (guessed layout, kernel shape, why, layout to suggest)}``.
+    """
+    lines = [f"  - path {p!r} with shape {shape}, guessed layout {axes!r}: {why}"
+             for p, (axes, shape, why, _) in list(doubts.items())[:6]]
+    if len(doubts) > 6:
+        lines.append(f"  ... and {len(doubts) - 6} more: {list(doubts)[6:16]}")
+    example = {p: d[3] for p, d in list(doubts.items())[:2]}
+    return LayoutError(
+        f"Cannot load {file}: the layouts of {len(doubts)} kernel(s) were guessed from their "
+        "shapes (no `layouts=` entry), and the adapter contradicts the guess or cannot "
+        "confirm it, so its update could be applied transposed:\n" + "\n".join(lines)
+        + "\nGive the layouts: `layouts=jlora.infer_layouts(fn, params, *args)` reads every "
+        f"kernel's layout from the model, or give them by hand, e.g. `layouts={example}` "
+        "(a pattern may cover several paths; `--layout PATTERN=LAYOUT` on the command line)."
+    )
 
 
 def _check_kind(name: str, entry: dict, layout: Layout, path: str) -> None:
@@ -962,8 +1079,10 @@ def _assemble(kpath, found, stacked, layout, variant, dropout, dtype, table) -> 
             *stacked, *first[key].shape) if stacked else first[key]
         return jnp.asarray(x if dtype is None else x.astype(dtype))
 
+    a, b = stack("a"), stack("b")
+    assert a is not None and b is not None  # _group_tensors: every module has lora_A and lora_B
     return Adapter(
-        a=stack("a"), b=stack("b"), magnitude=stack("m") if variant == "dora" else None,
+        a=a, b=b, magnitude=stack("m") if variant == "dora" else None,
         layout=layout, rank=first["rank"], alpha=first["alpha"], scale=first["scale"],
         policy=first["policy"], variant=variant, dropout=dropout,
     )

@@ -236,6 +236,32 @@ def test_merge_into_the_wrong_base_exits_1(capsys, files, tmp_path):
     assert code == 1 and "No such safetensors file" in err
 
 
+def test_gpt2_peft_adapter_takes_its_layouts_on_the_command_line(capsys, tmp_path):
+    """PEFT's GPT-2 adapter onto transformers' Flax GPT-2 weights (kernels stored (out, in)):
+    refused while the layouts are guesses, PEFT's merged weights with `--layout ...=oi`;
+    without the weights, the stand-in kernels have known layouts and nothing is guessed."""
+    root = pathlib.Path(__file__).parent / "fixtures" / "peft" / "gpt2"
+    stored, _ = io.read_safetensors(root / "flax.safetensors")
+    base = {k.removeprefix("base/"): v for k, v in stored.items() if k.startswith("base/")}
+    base_file = io.write_safetensors(tmp_path / "base.safetensors", base)
+    out_file = tmp_path / "merged.safetensors"
+    code, out, err = run(capsys, "merge", base_file, root / "adapter", out_file)
+    assert (code, out) == (1, "")
+    assert "'params/transformer/h/0/attn/c_attn/kernel' with shape (24, 8), guessed layout" in err
+    assert "--layout PATTERN=LAYOUT" in err and not out_file.exists()
+    code, out, err = run(capsys, "merge", base_file, root / "adapter", out_file,
+                         "--layout", ".*/(c_attn|c_proj|c_fc)/kernel=oi")
+    assert code == 0, err
+    merged, _ = io.read_safetensors(out_file)
+    for name, want in stored.items():
+        if name.startswith("merged/"):
+            np.testing.assert_allclose(merged[name.removeprefix("merged/")], want, rtol=1e-6,
+                                       atol=1e-6, err_msg=name)
+    code, out, err = run(capsys, "inspect", root / "adapter")
+    assert code == 0, err
+    assert "transformer.h.0.attn.c_proj/kernel  8x8" in out and "8 kernels" in out
+
+
 # -- the console script -----------------------------------------------------------------------
 
 

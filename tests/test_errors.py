@@ -43,6 +43,25 @@ def peft_dir(tmp_path, **config_changes):
     return path
 
 
+def square_conv1d_peft_dir(tmp_path):
+    """A PEFT adapter of a square kernel, trained (as its config says) on PEFT's Conv1D."""
+    path = tmp_path / "square"
+    jlora.peft.save(path, jlora.init(jax.random.key(0), square_params(), jlora.LoraConfig(rank=2)))
+    config_file = path / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text())
+                                      | {"fan_in_fan_out": True}))
+    return path
+
+
+def square_params():
+    return {"attn": {"c_proj": {"kernel": jnp.ones((4, 4))}}}
+
+
+def transposed_dense():
+    """`params()` with the adapted kernel stored (out, in), as transformers' FlaxConv1D."""
+    return {**params(), "enc": {"dense": {"kernel": jnp.ones((4, 8))}}}
+
+
 def native_dir(tmp_path):
     path = tmp_path / "native"
     jlora.save(path, adapters())
@@ -159,6 +178,11 @@ CASES = [
      lambda t: (native_dir(t) / "jlora_adapter.json").write_text("{not json")
      and jlora.load(t / "native"),
      AdapterFormatError, r"jlora_adapter.json"),
+    ("native-layout-guessed-not-a-bool",
+     lambda t: jlora.load(edit_json(native_dir(t), lambda m: m["adapters"]["enc/dense/kernel"]
+                                    .update(layout_guessed="yes"))),
+     AdapterFormatError, r"'enc/dense/kernel', has field 'layout_guessed' = 'yes' \(str\); "
+                         r"expected true or false"),
     ("native-wrong-params",
      lambda t: jlora.load(native_dir(t), {"enc": {"dense": {"kernel": jnp.ones((8, 3))}}}),
      ValueError, r"'enc/dense/kernel'.*\(8, 4\).*\(8, 3\)|\(8, 3\).*\(8, 4\)"),
@@ -171,6 +195,22 @@ CASES = [
      ValueError, r"`use_magic`=True, a field jlora.peft does not know"),
     ("peft-not-lora", lambda t: jlora.peft.load(peft_dir(t, peft_type="IA3"), params()),
      ValueError, r"peft_type='IA3'.*only LoRA"),
+    ("peft-guessed-layout-contradicted",
+     lambda t: jlora.peft.load(peft_dir(t), transposed_dense()), jlora.LayoutError,
+     r"'enc/dense/kernel' with shape \(4, 8\), guessed layout 'io': module 'enc.dense' has "
+     r"lora_A \(2, 8\) and lora_B \(4, 2\), which fit this kernel only as \['oi'\]"
+     r"[\s\S]*layouts=jlora.infer_layouts\(fn, params, \*args\)[\s\S]*"
+     r"\{'enc/dense/kernel': 'oi'\}"),
+    ("peft-guessed-square-of-conv1d-adapter",
+     lambda t: jlora.peft.load(square_conv1d_peft_dir(t), square_params()), jlora.LayoutError,
+     r"'attn/c_proj/kernel' with shape \(4, 4\), guessed layout 'io': module 'attn.c_proj' "
+     r"comes from an adapter with fan_in_fan_out=true.*square.*give 'oi' if the kernel is "
+     r"stored \(out, in\).*'io' if \(in, out\)[\s\S]*layouts=jlora.infer_layouts"),
+    ("peft-given-layout-does-not-fit",
+     lambda t: jlora.peft.load(peft_dir(t), params(), layouts={"enc/dense/kernel": "oi"}),
+     ValueError, r"'enc.dense': lora_A .* \(2, 8\) but the kernel at path 'enc/dense/kernel' "
+                 r"with shape \(8, 4\) \(layout 'oi'\) needs \(2, 4\) \(the file's shapes "
+                 r"fit the layout\(s\) \['io'\]"),
     ("peft-name-collision",
      lambda t: jlora.peft.save(t / "out", jlora.init(
          jax.random.key(0), {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}},

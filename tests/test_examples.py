@@ -128,3 +128,15 @@ def test_rank_sweep(runs):
     np.testing.assert_allclose(final["standard"][0], final["rslora"][0], rtol=1e-6)
     # The capacity floor is the Eckart-Young tail, decreasing in rank.
     assert np.all(np.diff(results["training"]["floor"]) < 0)
+
+
+@pytest.mark.real_models
+def test_tunix_llama3_example():
+    pytest.importorskip("tunix.models.llama3.model")
+    out = finish(start_script("tunix_llama3.py"))
+    assert "layers/0/attn/q_proj/w" in out and "ioo" in out
+    assert "14 kernels adapted, all factored" in out
+    first, last = map(float, out.split("loss ")[1].split(" after")[0].split(" -> "))
+    assert last < first
+    gap = float(out.split("max difference ")[1].split()[0])
+    assert gap < 1e-4

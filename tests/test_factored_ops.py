@@ -26,7 +26,11 @@ def _normal(rng, *shape, scale=1.0):
 
 def _adapters(params, targets, dropout=0.0, rank=2):
     rng = np.random.default_rng(1)
-    config = jlora.LoraConfig(rank=rank, alpha=3.0, targets=targets, dropout=dropout)
+    # 'head' is used as W.T: its layout is given, so the dot contracting its fan-out (the
+    # rule under test) is what the user asked for, not a guess the model contradicts.
+    layouts = {"head": "io"} if "head" in params else {}
+    config = jlora.LoraConfig(rank=rank, alpha=3.0, targets=targets, dropout=dropout,
+                              layouts=layouts)
     ads = jlora.init(jax.random.key(0), params, config)
     return {p: a.replace(a=_normal(rng, *a.a.shape, scale=0.5),
                          b=_normal(rng, *a.b.shape, scale=0.5)) for p, a in ads.items()}

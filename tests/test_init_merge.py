@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from scipy import stats
 
 import jlora
 
@@ -357,3 +358,79 @@ def test_summary_table():
     total = sum(x.size for x in jax.tree.leaves(params)) + trainable
     assert lines[-1] == (f"trainable params: {trainable:,} || all params: {total:,} || "
                          f"trainable%: {100 * trainable / total:.4f}")
+
+
+# -- PEFT's init distributions, pinned exactly ----------------------------------------------
+#
+# A fan-in of 4 drawn many times (a kernel stacked 16384 times: 262144 entries per factor)
+# puts the sample extremes within 1e-3 of the bound with certainty (the chance that none of
+# n uniform draws lands in the top 1e-3/2 of the range is (1 - 5e-4)^n = e^-131), so a
+# bound of 1/sqrt(fan_in + 1) = 0.447 instead of 1/sqrt(4) = 0.5 cannot pass; the moments
+# and a Kolmogorov-Smirnov distance then pin the distribution's shape.
+
+STACK = 16384
+# (layout, kernel shape) with fan-in 4 and fan-out 4, the stacked axis anywhere: dense
+# with one and two fan-in axes, a conv (window 2x2, one input channel) in flax's and in
+# torch's axis order, and the scan axis second as MaxText stores it.
+FAN_IN_4 = [("sio", (STACK, 4, 4)), ("siio", (STACK, 2, 2, 4)),
+            ("swwio", (STACK, 2, 2, 1, 4)), ("soiww", (STACK, 4, 1, 2, 2)),
+            ("iso", (4, STACK, 4))]
+EMBED_4x4 = [("svf", (STACK, 4, 4)), ("fsv", (4, STACK, 4))]
+
+
+def kaiming_uniform_bound(fan_in):
+    """The bound of PEFT's ``kaiming_uniform_(lora_A.weight, a=math.sqrt(5))``, computed as
+    torch computes it: the leaky_relu gain, std = gain / sqrt(fan_in), bound = sqrt(3) std."""
+    a = math.sqrt(5)
+    gain = math.sqrt(2.0 / (1 + a**2))
+    return math.sqrt(3.0) * gain / math.sqrt(fan_in)
+
+
+def init_one(axes, shape, **config):
+    params = {"k": jnp.ones(shape)}
+    config = jlora.LoraConfig(rank=4, targets="k", layouts={"k": axes}, **config)
+    return jlora.init(jax.random.key(0), params, config)["k"]
+
+
+def assert_distributed_as(x, dist, what):
+    """Mean and std within 5 standard errors of ``dist``'s, and a Kolmogorov-Smirnov
+    distance below its 1e-6 critical value, 2.69/sqrt(n) (0.005 here; a normal in place of
+    a uniform of the same std is at 0.057): false alarms are as unlikely as in the rest."""
+    x = np.asarray(x, np.float64).ravel()
+    n = x.size
+    mean, std = dist.mean(), dist.std()
+    kurtosis = dist.stats(moments="k") + 3.0  # mu4 / sigma^4
+    assert abs(x.mean() - mean) < 5 * std / math.sqrt(n), (what, x.mean(), mean)
+    # The sample std's standard error is sigma * sqrt((kurtosis - 1) / (4n)).
+    assert abs(x.std() - std) < 5 * std * math.sqrt((kurtosis - 1) / (4 * n)), (what, x.std(),
+                                                                                 std)
+    distance = stats.kstest(x, dist.cdf).statistic
+    assert distance < 2.69 / math.sqrt(n), (what, distance)
+
+
+@pytest.mark.parametrize("axes, shape", FAN_IN_4, ids=[a for a, _ in FAN_IN_4])
+def test_default_init_is_peft_kaiming_uniform_exactly(axes, shape):
+    ad = init_one(axes, shape)
+    bound = kaiming_uniform_bound(4)
+    assert bound == pytest.approx(0.5, rel=1e-12)  # torch's formula is 1/sqrt(fan_in)
+    a = np.asarray(ad.a)
+    assert a.shape == ad.layout.factor_shapes(shape, 4)[0] and a.size == STACK * 16
+    assert a.max() < bound and a.min() >= -bound, (a.min(), a.max())
+    assert a.max() > bound * (1 - 1e-3) and a.min() < -bound * (1 - 1e-3), (a.min(), a.max())
+    assert_distributed_as(a, stats.uniform(-bound, 2 * bound), axes)
+    assert not np.asarray(ad.b).any()
+
+
+@pytest.mark.parametrize("axes, shape", EMBED_4x4, ids=[a for a, _ in EMBED_4x4])
+def test_embedding_init_is_peft_b_standard_normal_a_zero(axes, shape):
+    ad = init_one(axes, shape)
+    assert not np.asarray(ad.a).any()
+    assert np.asarray(ad.b).size == STACK * 16
+    assert_distributed_as(ad.b, stats.norm(0.0, 1.0), axes)
+
+
+@pytest.mark.parametrize("axes, shape", FAN_IN_4[:3], ids=[a for a, _ in FAN_IN_4[:3]])
+def test_gaussian_init_is_peft_normal_with_std_one_over_rank(axes, shape):
+    ad = init_one(axes, shape, init="gaussian")
+    assert_distributed_as(ad.a, stats.norm(0.0, 1 / 4), axes)
+    assert not np.asarray(ad.b).any()

@@ -12,6 +12,12 @@ import hashlib
 import json
 import os
 import pathlib
+import select
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +175,76 @@ def test_safetensors_helpers_round_trip_every_float_dtype(tmp_path, dtype):
         io.read_safetensors(tmp_path / "nowhere")
 
 
+# -- layouts: any axis order, guessed or given -------------------------------------------------
+
+# transformers' Conv1D (out, in); the gemma package's q_einsum (heads, embed, head_dim);
+# stacked with the stack first and with MaxText's scan axis second; an embedding table
+# stored (features, vocab); a conv in torch's (out, in, kh, kw) order.
+ORDERS = [("oi", (6, 8)), ("oio", (2, 8, 3)), ("soio", (3, 2, 8, 4)), ("isoo", (8, 3, 2, 4)),
+          ("fv", (4, 10)), ("oiww", (4, 2, 3, 3))]
+_GROUP = {"s": 0, "i": 1, "w": 1, "v": 1, "o": 2, "f": 2}
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("axes, shape", ORDERS, ids=[a for a, _ in ORDERS])
+def test_any_axis_order_round_trips_as_the_canonical_kernel(tmp_path, axes, shape, variant):
+    """The layout string is stored as given; the factors are those of the same kernel
+    stored (stacked, fan-in, fan-out), and numpy reading the files gives the update of
+    the canonical kernel transposed back to the kernel's order."""
+    order = sorted(range(len(axes)), key=lambda k: _GROUP[axes[k]])  # to canonical order
+    lay = jlora.Layout(axes)
+    canonical = jlora.Layout("".join(axes[k] for k in order))
+    rng = np.random.default_rng(5)
+    a_shape, b_shape = lay.factor_shapes(shape, 3)
+    stacked, _, fan_out = lay.split_shape(shape)
+    ad = jlora.Adapter(
+        a=jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
+        b=jnp.asarray(rng.standard_normal(b_shape), jnp.float32),
+        magnitude=(jnp.asarray(rng.uniform(0.5, 1.5, (*stacked, *fan_out)), jnp.float32)
+                   if variant == "dora" else None),
+        layout=lay, rank=3, alpha=3.0, scale=1.0, policy="standard", variant=variant)
+    params = {"m": {"kernel": jnp.zeros(shape)}}
+    path = jlora.save(tmp_path / "ad", {"m/kernel": ad})
+    entry = json.loads((path / io.JSON_NAME).read_text())["adapters"]["m/kernel"]
+    assert entry["layout"] == axes and entry["kernel_shape"] == list(shape)
+    assert entry["layout_guessed"] is False
+    back = jlora.load(path, params)["m/kernel"]
+    _assert_same({"m/kernel": back}, {"m/kernel": ad})
+    assert back.layout.axes == axes and not back.layout.guessed
+
+    tensors, _ = io.read_safetensors(path / io.WEIGHTS_NAME)
+    a, b = tensors["m/kernel/a"].astype(np.float64), tensors["m/kernel/b"].astype(np.float64)
+    ns = len(stacked)
+    canonical_shape = tuple(shape[k] for k in order)
+    delta = np.matmul(a.reshape(*stacked, -1, 3), b.reshape(*stacked, 3, -1))
+    want = np.transpose(delta.reshape(canonical_shape), np.argsort(order))
+    np.testing.assert_allclose(back.delta(), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(
+        back.delta(), np.transpose(back.replace(layout=canonical).delta(), np.argsort(order)))
+    assert ns == canonical.num_stacked
+
+
+def test_guessed_layouts_stay_guessed_and_old_files_load(tmp_path):
+    """A layout guessed from the kernel's shape is saved as guessed and loads as guessed;
+    a file written before layouts could be guessed (no `layout_guessed`) loads as given."""
+    adapters = _make()
+    guessed = {p for p, ad in adapters.items() if ad.layout.guessed}
+    assert "dense/kernel" in guessed and "layers/mlp/kernel" not in guessed  # given: 'sio'
+    path = jlora.save(tmp_path / "ad", adapters)
+    back = jlora.load(path)
+    assert {p for p, ad in back.items() if ad.layout.guessed} == guessed
+    template = io.abstract_adapters(io.adapter_metadata(adapters))
+    assert {p for p, ad in template.items() if ad.layout.guessed} == guessed
+
+    meta = json.loads((path / io.JSON_NAME).read_text())
+    for entry in meta["adapters"].values():
+        del entry["layout_guessed"]
+    (path / io.JSON_NAME).write_text(json.dumps(meta))
+    old = jlora.load(path, PARAMS)
+    assert not any(ad.layout.guessed for ad in old.values())
+    _assert_same(old, adapters)
+
+
 # -- abstract templates ---------------------------------------------------------------------
 
 
@@ -262,6 +338,161 @@ def test_load_points_at_the_copy_an_interrupted_save_left(tmp_path):
     os.rename(target, tmp_path / ".ad.1234abcd.old")  # as if the process died mid-swap
     with pytest.raises(io.AdapterFormatError, match=r"interrupted.*\.ad\.1234abcd\.old"):
         jlora.load(target)
+
+
+# A save of many tensors that stops half-way through the weights file, as a save does
+# when the process is killed while writing; the parent sends the real SIGKILL.
+KILLED_SAVE = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import jlora
+    from jlora import files
+
+    def write_half_then_wait(path, data):
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+        print("WRITING", path, len(data), flush=True)
+        time.sleep(300)
+
+    files._write_file = write_half_then_wait
+    rng = np.random.default_rng(0)
+    adapters = {
+        f"layers/{i}/kernel": jlora.Adapter(
+            a=rng.standard_normal((64, 4), np.float32), b=rng.standard_normal((4, 32), np.float32),
+            rank=4, alpha=4.0, scale=1.0)
+        for i in range(256)
+    }
+    jlora.save(sys.argv[1], adapters)
+    print("FINISHED", flush=True)
+""")
+
+
+def _temporaries(directory: pathlib.Path):
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith((".tmp", ".old")))
+
+
+@pytest.fixture(scope="module")
+def killed_save(tmp_path_factory):
+    """A directory with the adapter ``_make()`` saved as ``ad`` and the temporary of a
+    second save of ``ad`` that was SIGKILLed half-way through writing its weights."""
+    root = tmp_path_factory.mktemp("killed")
+    target = jlora.save(root / "ad", _make())
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line.startswith("WRITING"):
+            proc.kill()
+            pytest.fail(f"the save never started writing: {line!r} {proc.communicate()[1]}")
+        _, weights, size = line.split()
+        (tmp,) = _temporaries(root)
+        assert tmp.startswith(f".ad.{files._machine()}-{proc.pid}-"), tmp
+        assert pathlib.Path(weights) == root / tmp / io.WEIGHTS_NAME
+        # While the writer lives, a save and a load of the same target leave its temporary.
+        jlora.save(target, _make())
+        _assert_same(jlora.load(target), _make())
+        assert _temporaries(root) == [tmp]
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        assert proc.wait(timeout=60) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "FINISHED" not in proc.stdout.read()
+    assert sorted(p.name for p in (root / tmp).iterdir()) == [io.WEIGHTS_NAME]  # no JSON yet
+    assert 0 < (root / tmp / io.WEIGHTS_NAME).stat().st_size < int(size)
+    return root, tmp
+
+
+@pytest.fixture
+def after_kill(killed_save, tmp_path):
+    """A fresh copy of the directory the killed save left."""
+    root, tmp = killed_save
+    shutil.copytree(root, tmp_path / "root", symlinks=True)
+    return tmp_path / "root", tmp
+
+
+def test_save_killed_mid_write_keeps_the_old_adapter_and_load_removes_its_temporary(after_kill):
+    root, tmp = after_kill
+    assert _temporaries(root) == [tmp]
+    _assert_same(jlora.load(root / "ad"), _make())
+    assert _temporaries(root) == []
+    assert sorted(p.name for p in root.iterdir()) == ["ad"]
+
+
+def test_next_save_removes_the_temporary_of_a_killed_save(after_kill):
+    root, tmp = after_kill
+    jlora.save(root / "ad", _make("rslora"))
+    assert _temporaries(root) == []
+    _assert_same(jlora.load(root / "ad"), _make("rslora"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _make_temporaries(root: pathlib.Path, names, *, age_s: float = 0.0):
+    """Half-written temporaries: a directory, or a file for names containing "file"."""
+    then = time.time() - age_s
+    for name in names:
+        path = root / name
+        if "file" in name:
+            path.write_bytes(b"half")
+        else:
+            path.mkdir()
+            (path / io.WEIGHTS_NAME).write_bytes(b"half")
+            os.utime(path / io.WEIGHTS_NAME, (then, then))
+        os.utime(path, (then, then))
+
+
+def test_only_stale_temporaries_of_the_same_target_are_removed(tmp_path):
+    target = jlora.save(tmp_path / "ad", _make())
+    here, dead = files._machine(), _dead_pid()
+    elsewhere = format(int(here, 16) ^ 0xFFFFFFFF, "08x")  # another host's MACHINE
+    stale = [f".ad.{here}-{dead}-x1.tmp",          # its writer is dead
+             f".ad.{here}-{dead}-file1.tmp"]       # (write_bytes_atomic's are files)
+    untouched = [f".ad.{elsewhere}-{dead}-x2.tmp",  # unchanged for over a day
+                 ".ad.0123abcd.tmp"]
+    kept = [f".ad.{here}-{os.getpid()}-x3.tmp",     # this process: live
+            f".ad.{here}-1-x4.tmp",                 # pid 1 always runs (maybe another user's)
+            f".ad.{elsewhere}-{dead}-x5.tmp",       # another host's: its pid means nothing here
+            ".ad.4567abcd.tmp",                     # no writer in the name, changed just now
+            f".ad.v2.{here}-{dead}-x6.tmp",         # temporaries of the targets "ad.v2",
+            f".adapter.{here}-{dead}-x7.tmp",       # "adapter" and "a"
+            f".a.{here}-{dead}-x8.tmp",
+            f".ad.v2.{here}-{dead}-y1.old"]
+    copy = f".ad.{here}-{dead}-y2.old"              # may be the only complete adapter
+    _make_temporaries(tmp_path, stale + kept + [copy])
+    _make_temporaries(tmp_path, untouched, age_s=files.STALE_AFTER_S + 60)
+
+    _assert_same(jlora.load(target), _make())
+    assert _temporaries(tmp_path) == sorted(kept + [copy])
+    assert files.interrupted_copy(target).name == copy
+    assert files.interrupted_copy(tmp_path / "ad.v2").name == kept[-1]
+    # A successful save supersedes the copy an interrupted swap left; nothing else changes.
+    jlora.save(target, _make("rslora"))
+    assert _temporaries(tmp_path) == sorted(kept)
+
+
+def test_file_writes_and_peft_saves_and_loads_remove_stale_temporaries(tmp_path):
+    here, dead = files._machine(), _dead_pid()
+    file_tmp, peft_tmp = f".w.safetensors.{here}-{dead}-file1.tmp", f".peft.{here}-{dead}-x1.tmp"
+    _make_temporaries(tmp_path, [file_tmp, peft_tmp])
+    files.write_safetensors(tmp_path / "w.safetensors", {"x": np.ones(2, np.float32)})
+    assert _temporaries(tmp_path) == [peft_tmp]
+    params = {"d": {"kernel": jnp.ones((8, 4))}}
+    ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets="d/kernel"))
+    jlora.peft.save(tmp_path / "peft", ads)
+    assert _temporaries(tmp_path) == []
+    _make_temporaries(tmp_path, [peft_tmp])
+    assert jlora.peft.load(tmp_path / "peft", params)["d/kernel"].rank == 2
+    assert _temporaries(tmp_path) == []
 
 
 def test_save_refuses_to_replace_foreign_directories_and_files(tmp_path):
@@ -410,7 +641,7 @@ def test_tensor_disagreeing_with_json_is_named(copy):
          r"adapter 'conv/kernel', is missing the tensor entry 'b'"),
         (lambda m: m["adapters"]["dense/kernel"].update(alpha="3"),
          r"field 'alpha' = '3' \(str\); expected a positive number"),
-        (lambda m: m["adapters"]["dense/kernel"].update(layout="oi"),
+        (lambda m: m["adapters"]["dense/kernel"].update(layout="ix"),
          r"adapter 'dense/kernel', has an invalid layout"),
         (lambda m: m["adapters"]["dense/kernel"].update(scale=9.0),
          r"has scale 9.0 but policy 'standard' gives 1.5"),

@@ -1,6 +1,7 @@
 """Several adapters on one base (jlora.multi_adapter): banks, switching without
 recompiling, per-example adapters, weighted combinations, against direct computations."""
 
+import math
 import re
 
 import jax
@@ -232,6 +233,61 @@ def test_svd_clamp_clips_factors(sets):
     hi = np.quantile(np.concatenate([np.ravel(r.b), np.ravel(r.a)]), 0.9)
     np.testing.assert_allclose(ad.a, np.clip(r.a, -hi, hi), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ad.b, np.clip(r.b, -hi, hi), rtol=1e-5, atol=1e-6)
+
+
+# transformers' Conv1D (out, in); the gemma package's q_einsum (heads, embed, head_dim);
+# stacked with the stack first and with MaxText's scan axis second; an embedding table
+# stored (features, vocab); a conv in torch's (out, in, kh, kw) order.
+ORDERS = [("oi", (6, 8)), ("oio", (2, 8, 3)), ("soio", (3, 2, 8, 4)), ("isoo", (8, 3, 2, 4)),
+          ("fv", (4, 10)), ("oiww", (4, 2, 3, 3))]
+_GROUP = {"s": 0, "i": 1, "w": 1, "v": 1, "o": 2, "f": 2}
+
+
+@pytest.mark.parametrize("axes, shape", ORDERS, ids=[a for a, _ in ORDERS])
+def test_sets_of_any_axis_order_combine_as_the_canonical_kernel(axes, shape):
+    """Adapter sets of a kernel stored in any order stack and combine ("linear", "cat",
+    "svd") into exactly the factors of the same kernel stored (stacked, fan-in, fan-out),
+    so every update is the canonical one transposed back."""
+    order = sorted(range(len(axes)), key=lambda k: _GROUP[axes[k]])
+    back = np.argsort(order)
+    lay, canonical = jlora.Layout(axes), jlora.Layout("".join(axes[k] for k in order))
+
+    def sets(layout, ranks):
+        out = []
+        for i, rank in enumerate(ranks):
+            a_shape, b_shape = lay.factor_shapes(shape, rank)
+            out.append({"k": jlora.Adapter(
+                a=jnp.asarray(_normal(20 + i, a_shape)), b=jnp.asarray(_normal(30 + i, b_shape)),
+                layout=layout, rank=rank, alpha=2.0 * (i + 1), scale=2.0 * (i + 1) / rank)})
+        return out
+
+    for kind, ranks in (("linear", (2, 2)), ("cat", (2, 3)), ("svd", (2, 3))):
+        ours = M.add_weighted_adapter(sets(lay, ranks), [0.7, -1.3], kind)["k"]
+        theirs = M.add_weighted_adapter(sets(canonical, ranks), [0.7, -1.3], kind)["k"]
+        assert ours.layout == lay and ours.kernel_shape == tuple(shape), kind
+        np.testing.assert_array_equal(ours.a, theirs.a, err_msg=kind)
+        np.testing.assert_array_equal(ours.b, theirs.b, err_msg=kind)
+        np.testing.assert_array_equal(ours.delta(), np.transpose(theirs.delta(), back),
+                                      err_msg=kind)
+    # SVD's rank-3 result of two updates of ranks 2 and 3 keeps their sum's top 3 singular
+    # values: read from the kernel-order updates through numpy's own matrix view.
+    ours = M.add_weighted_adapter(sets(lay, (2, 3)), [0.7, -1.3], "svd")["k"]
+    total = sum(w * np.asarray(ad["k"].delta(), np.float64)
+                for ad, w in zip(sets(lay, (2, 3)), [0.7, -1.3], strict=True))
+    stacked = lay.split_shape(shape)[0]
+    matrix = np.transpose(total, order).reshape(*stacked, math.prod(
+        shape[k] for k in lay.fan_in_axes), -1)
+    u, sv, vt = np.linalg.svd(matrix, full_matrices=False)
+    best = np.transpose(((u[..., :3] * sv[..., None, :3]) @ vt[..., :3, :]).reshape(
+        [shape[k] for k in order]), back)
+    np.testing.assert_allclose(ours.delta(), best, rtol=1e-4, atol=1e-4)
+
+    bank = M.stack_adapters(dict(zip("xy", sets(lay, (2, 3)), strict=True)))
+    canonical_bank = M.stack_adapters(dict(zip("xy", sets(canonical, (2, 3)), strict=True)))
+    for name in "xy":
+        np.testing.assert_array_equal(
+            bank.select(name)["k"].delta(),
+            np.transpose(canonical_bank.select(name)["k"].delta(), back))
 
 
 def test_bad_input_is_named(params, sets, bank):

@@ -85,21 +85,28 @@ def test_7b_tree_init_merge_summary_without_allocation():
     assert f"trainable params: {trainable:,} || all params: {base + trainable:,} ||" in text
 
 
-def test_merge_with_donated_params_keeps_one_copy():
-    # Four 32 MiB kernels and a 256 MiB stack: each update is formed in slices of at most
-    # MAX_UPDATE_BYTES and written in place over the donated kernel. (float32: XLA:CPU
-    # upcasts in-place bf16 updates to float32, which TPU and GPU do not.)
+@pytest.mark.parametrize("variant, slices", [("lora", 2), ("dora", 3)])
+def test_merge_with_donated_params_keeps_one_copy(variant, slices):
+    # Four 32 MiB kernels (one stored (out, in)), a 256 MiB stack and a 128 MiB one with
+    # MaxText's scan axis second: each update is formed in slices of at most
+    # MAX_UPDATE_BYTES and written in place over the donated kernel, whatever the order
+    # of its axes. (float32: XLA:CPU upcasts in-place bf16 updates to float32, which TPU
+    # and GPU do not.)
     params = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((2048, 4096), jnp.float32)}
-              for i in range(4)}
+              for i in range(3)}
+    params["oi"] = {"kernel": jax.ShapeDtypeStruct((4096, 2048), jnp.float32)}
     params["stack"] = {"kernel": jax.ShapeDtypeStruct((4, 4096, 4096), jnp.float32)}
-    config = jlora.LoraConfig(rank=8, layouts={"stack/kernel": "sio"})
+    params["maxtext"] = {"kernel": jax.ShapeDtypeStruct((2048, 4, 16, 256), jnp.float32)}
+    config = jlora.LoraConfig(rank=8, variant=variant, layouts={
+        "stack/kernel": "sio", "oi/kernel": "oi", "maxtext/kernel": "isoo"})
     adapters = jax.eval_shape(lambda p: jlora.init(jax.random.key(0), p, config), params)
-    param_bytes = 4 * (4 * 2048 * 4096 + 4 * 4096 * 4096)
+    param_bytes = 4 * (4 * 2048 * 4096 + 4 * 4096 * 4096 + 2048 * 4 * 16 * 256)
     memory = jax.jit(jlora.merge, donate_argnums=0).lower(params, adapters).compile(
     ).memory_analysis()
     assert memory.alias_size_in_bytes == param_bytes  # every merged kernel overwrites its input
-    # Two slices (the update and its sum) at most, against 384 MiB of params.
-    assert memory.temp_size_in_bytes <= 2 * jlora.merging.MAX_UPDATE_BYTES + 2**20
+    # A few slices at most (the update and its sum; DoRA also the rescaled update),
+    # against 512 MiB of params.
+    assert memory.temp_size_in_bytes <= slices * jlora.merging.MAX_UPDATE_BYTES + 2**20
 
 
 def test_7b_tree_peft_export_without_allocation():

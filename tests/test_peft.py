@@ -111,17 +111,21 @@ def _kernel_path(module):
 def test_load_matches_peft_merge_and_output(case, jit):
     adapters = peft.load(case["root"] / "adapter", case["params"], layouts=case["meta"]["layouts"])
     assert sorted(adapters) == sorted(_kernel_path(m) for m in case["meta"]["modules"])
-    forward = FORWARD[case["meta"]["model"]]
+    # A real model (GPT-2) has no jax twin here: its merged weights are compared, and its
+    # logits where the model itself runs.
+    forward = FORWARD.get(case["meta"]["model"])
 
     def run(params, adapters, x):
         merged = jlora.merge(params, adapters)
-        return merged, forward(merged["params"], x)
+        return merged, (forward(merged["params"], x) if forward else None)
 
     merged, y = (jax.jit(run) if jit else run)(case["params"], adapters, case["x"])
     flat = jlora.paths.select(merged, ".*")
     assert sorted(flat) == sorted(case["merged"])
     for path, want in case["merged"].items():
         np.testing.assert_allclose(flat[path], want, **TOL, err_msg=path)
+    if forward is None:
+        return
     assert sorted(y) == sorted(case["y"])
     for name, want in case["y"].items():
         np.testing.assert_allclose(y[name], want, **TOL, err_msg=name)
@@ -346,6 +350,172 @@ def test_custom_scale_is_exact_in_peft_terms(tmp_path):
             *([0] * ad.layout.num_stacked))
         rank, alpha = _effective(cfg, name)
         assert rank == ad.rank and alpha / rank == ad.scale, kpath
+
+
+# -- kernels in any axis order, guessed layouts checked against the file -------------------
+
+# transformers' Conv1D (out, in); the gemma package's q_einsum (heads, embed, head_dim);
+# stacked with the stack first and with MaxText's scan axis second; an embedding table
+# stored (features, vocab); a conv in torch's (out, in, kh, kw) order.
+ORDERS = [("oi", (6, 8)), ("oio", (2, 8, 3)), ("soio", (3, 2, 8, 4)), ("isoo", (8, 3, 2, 4)),
+          ("fv", (4, 10)), ("oiww", (4, 2, 3, 3))]
+_GROUP = {"s": 0, "i": 1, "w": 1, "v": 1, "o": 2, "f": 2}
+
+
+def _canonical_order(axes):
+    """Kernel axes reordered stacked, fan-in, fan-out (each group in the kernel's order)."""
+    return sorted(range(len(axes)), key=lambda k: _GROUP[axes[k]])
+
+
+def _peft_delta_in_kernel_order(tensors, name, axes, shape):
+    """One layer's update as PEFT defines it from its tensors (unscaled), in numpy, put in
+    the order of the kernel's axes ``axes`` (no stacked axes) of ``shape``."""
+    key = peft.PREFIX + name
+    if "w" in axes:  # Conv: (out, in, *window) = lora_B[..., 0, 0] @ lora_A
+        big_a, big_b = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
+        torch = np.einsum("or,ri...->oi...", big_b.reshape(big_b.shape[:2]), big_a)
+        source, window = [], 2
+        for c in axes:
+            source.append({"o": 0, "i": 1}.get(c, window))
+            window += c == "w"
+        return np.transpose(torch, source)
+    if "v" in axes:  # Embedding: weight (vocab, dim) += (B @ A).T, so (B @ A) is (out, in)
+        torch = tensors[key + ".lora_embedding_B"] @ tensors[key + ".lora_embedding_A"]
+    else:  # Linear: weight (out, in) += B @ A, fan axes flattened in the kernel's order
+        torch = tensors[key + ".lora_B.weight"] @ tensors[key + ".lora_A.weight"]
+    out_axes = [k for k, c in enumerate(axes) if c in "of"]
+    in_axes = [k for k, c in enumerate(axes) if c in "iv"]
+    grid = torch.reshape([shape[k] for k in out_axes] + [shape[k] for k in in_axes])
+    return np.transpose(grid, np.argsort(out_axes + in_axes))
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("axes, shape", ORDERS, ids=[a for a, _ in ORDERS])
+def test_any_axis_order_exports_and_imports_as_the_canonical_kernel(tmp_path, axes, shape,
+                                                                    variant):
+    """A kernel stored in any axis order gives the PEFT files of the same kernel stored
+    (stacked, fan-in, fan-out), bit for bit; PEFT's own reading of those files is the
+    update in the kernel's order, and loading them back gives the same adapter."""
+    lay = jlora.Layout(axes)
+    order = _canonical_order(axes)
+    canonical = jlora.Layout("".join(axes[k] for k in order))
+    kernel_shape = tuple(shape)
+    assert lay.factor_shapes(kernel_shape, 2) == canonical.factor_shapes(
+        tuple(kernel_shape[k] for k in order), 2)
+    rng = np.random.default_rng(3)
+    a_shape, b_shape = lay.factor_shapes(kernel_shape, 2)
+    stacked, _, fan_out = lay.split_shape(kernel_shape)
+    ad = jlora.Adapter(
+        a=jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
+        b=jnp.asarray(rng.standard_normal(b_shape), jnp.float32),
+        magnitude=(jnp.asarray(rng.uniform(0.5, 1.5, (*stacked, *fan_out)), jnp.float32)
+                   if variant == "dora" else None),
+        layout=lay, rank=2, alpha=3.0, scale=1.5, policy="standard", variant=variant)
+    path = "m/embedding" if lay.kind == "embed" else "m/kernel"
+    ours = peft.save(tmp_path / "ours", {path: ad})
+    theirs = peft.save(tmp_path / "canonical", {path: ad.replace(layout=canonical)})
+    for file in (peft.WEIGHTS_NAME, peft.CONFIG_NAME):
+        assert (ours / file).read_bytes() == (theirs / file).read_bytes(), file
+
+    tensors = {k: np.asarray(v, np.float64)
+               for k, v in safetensors.numpy.load_file(ours / peft.WEIGHTS_NAME).items()}
+    layer_axes = axes.replace("s", "")
+    want = np.empty(kernel_shape)
+    for idx in np.ndindex(*stacked):
+        name = peft.default_module_name(path, lay.num_stacked).format(*idx)
+        at = iter(idx)
+        where = tuple(next(at) if c == "s" else slice(None) for c in axes)
+        want[where] = 1.5 * _peft_delta_in_kernel_order(tensors, name, layer_axes,
+                                                        want[where].shape)
+    np.testing.assert_allclose(ad.delta(), want, rtol=1e-6, atol=1e-6)
+
+    params = {"m": {path.split("/")[1]: jnp.zeros(kernel_shape)}}
+    back = peft.load(ours, params, layouts={path: axes})[path]
+    assert back.layout == lay and not back.layout.guessed
+    for field in ("a", "b", "magnitude"):
+        want_field, have = getattr(ad, field), getattr(back, field)
+        assert (want_field is None) == (have is None), field
+        if want_field is not None:
+            assert np.asarray(have).tobytes() == np.asarray(want_field).tobytes(), field
+    to_kernel = np.argsort(order)
+    np.testing.assert_array_equal(
+        back.delta(), np.transpose(ad.replace(layout=canonical).delta(), to_kernel))
+
+
+@pytest.mark.parametrize("path, kernel_shape, want", [
+    ("m/kernel", (6, 8), "oi"), ("m/embedding", (4, 10), "fv")])
+def test_guessed_layout_contradicted_by_the_factors_is_refused(tmp_path, path, kernel_shape,
+                                                                want):
+    """Factors of the transposed kernel: without `layouts` the guess ('io' or 'vf') is
+    refused, naming the path, the shapes and the fix; with the layout they load."""
+    lay = jlora.Layout(want)
+    a_shape, b_shape = lay.factor_shapes(kernel_shape, 2)
+    ad = jlora.Adapter(a=jnp.ones(a_shape), b=jnp.ones(b_shape), layout=lay, rank=2,
+                       alpha=2.0, scale=1.0)
+    out = peft.save(tmp_path / "a", {path: ad})
+    params = {"m": {path.split("/")[1]: jnp.zeros(kernel_shape)}}
+    guess = "vf" if lay.kind == "embed" else "io"
+    with pytest.raises(jlora.LayoutError, match=(
+            rf"'{path}' with shape {re.escape(str(kernel_shape))}, guessed layout '{guess}': "
+            rf"module 'm' has lora_(embedding_)?A \(2, {kernel_shape[1]}\) and lora_(embedding_)?B "
+            rf"\({kernel_shape[0]}, 2\), which fit this kernel only as \['{want}'\][\s\S]*"
+            rf"jlora.infer_layouts[\s\S]*\{{'{path}': '{want}'\}}")):
+        peft.load(out, params)
+    back = peft.load(out, params, layouts={path: want})[path]
+    np.testing.assert_array_equal(back.a, ad.a)
+
+
+def test_square_kernel_of_a_fan_in_fan_out_adapter_needs_its_layout(tmp_path):
+    """PEFT's Conv1D adapters (fan_in_fan_out=true) on a square kernel: the shapes cannot
+    tell (out, in) from (in, out), so a guessed layout is refused; a given one is trusted."""
+    params = {"attn": {"c_proj": {"kernel": jnp.zeros((8, 8))}}}
+    ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2))
+    out = peft.save(tmp_path / "a", ads)
+    assert peft.load(out, params)["attn/c_proj/kernel"].layout.guessed  # flax's convention
+    _write_config(out, fan_in_fan_out=True)
+    with pytest.raises(jlora.LayoutError, match=r"'attn/c_proj/kernel' with shape \(8, 8\), "
+                                                r"guessed layout 'io': .*fan_in_fan_out=true.*"
+                                                r"square.*give 'oi'"):
+        peft.load(out, params)
+    for axes in ("oi", "io"):
+        back = peft.load(out, params, layouts={".*": axes})["attn/c_proj/kernel"]
+        assert back.layout == jlora.Layout(axes) and not back.layout.guessed
+    _write_config(out, fan_in_fan_out="yes")
+    with pytest.raises(ValueError, match=r"`fan_in_fan_out`='yes': expected true or false"):
+        peft.load(out, params, layouts={".*": "oi"})
+
+
+def test_gpt2_needs_its_layouts_and_then_gives_peft_merged_weights():
+    """transformers' Flax GPT-2 stores its Conv1D kernels (out, in). PEFT's adapter for the
+    torch model loaded without layouts is refused (c_attn's factors fit only 'oi', the
+    square attn.c_proj cannot be told); with 'oi' it gives PEFT's merged weights."""
+    root = FIXTURES / "gpt2"
+    stored = safetensors.numpy.load_file(root / "flax.safetensors")
+    params = _nest(_section(stored, "base"))
+    with pytest.raises(jlora.LayoutError) as refused:
+        peft.load(root / "adapter", params)
+    message = str(refused.value)
+    assert "the layouts of 8 kernel(s) were guessed" in message
+    assert ("'params/transformer/h/0/attn/c_attn/kernel' with shape (24, 8), guessed layout "
+            "'io': module 'transformer.h.0.attn.c_attn' has lora_A (2, 8) and lora_B (24, 2), "
+            "which fit this kernel only as ['oi']") in message
+    assert ("'params/transformer/h/1/attn/c_proj/kernel' with shape (8, 8), guessed layout "
+            "'io': module 'transformer.h.1.attn.c_proj' comes from an adapter with "
+            "fan_in_fan_out=true") in message
+    assert "layouts=jlora.infer_layouts(fn, params, *args)" in message
+
+    adapters = peft.load(root / "adapter", params,
+                         layouts={r".*/(c_attn|c_proj|c_fc)/kernel": "oi"})
+    assert len(adapters) == 8 and {ad.layout.axes for ad in adapters.values()} == {"oi"}
+    merged = jlora.paths.select(jlora.merge(params, adapters), ".*")
+    want = _section(stored, "merged")
+    assert sorted(merged) == sorted(want)
+    for path, value in want.items():
+        np.testing.assert_allclose(merged[path], value, rtol=1e-6, atol=1e-6, err_msg=path)
+    # The update really is transposed against the guess: 'io' would be off by far more.
+    c_proj = "params/transformer/h/0/attn/c_proj/kernel"
+    wrong = np.asarray(stored["base/" + c_proj]) + np.asarray(adapters[c_proj].delta()).T
+    assert np.abs(wrong - want[c_proj]).max() > 1e-2
 
 
 # -- module names ----------------------------------------------------------------------

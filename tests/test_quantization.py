@@ -1,6 +1,7 @@
 """Quantized frozen base (jlora.quantization): formats against numpy references, the
 factored transform on a quantized base against a direct float computation, memory, merge."""
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -11,6 +12,7 @@ import pytest
 from scipy.stats import norm
 
 import jlora
+from jlora import _jax_compat as jc
 from jlora import quantization as Q
 
 # bitsandbytes/functional.py, get_4bit_type("nf4") (QLoRA, Appendix E), copied verbatim.
@@ -43,6 +45,21 @@ def _np_int8(w, fan_in_axes):
     return q, scale
 
 
+def _np_rows(w, lay):
+    """Each layer as torch's (fan_out, fan_in) weight: ``(*stacked, fan_out, fan_in)``,
+    the axes of each group in the kernel's order."""
+    stacked, fan_in, fan_out = lay.split_shape(w.shape)
+    x = np.transpose(w, lay.stacked_axes + lay.fan_out_axes + lay.fan_in_axes)
+    return x.reshape(*stacked, int(np.prod(fan_out)), int(np.prod(fan_in)))
+
+
+def _np_unrows(rows, lay, shape):
+    """The inverse of ``_np_rows``: a kernel of ``shape`` in the layout's axis order."""
+    stacked, fan_in, fan_out = lay.split_shape(shape)
+    order = lay.stacked_axes + lay.fan_out_axes + lay.fan_in_axes
+    return np.transpose(rows.reshape(*stacked, *fan_out, *fan_in), np.argsort(order))
+
+
 def _np_blocks(x, ns, size):
     flat = x.reshape(*x.shape[:ns], -1)
     n = -(-flat.shape[-1] // size)
@@ -54,13 +71,32 @@ def _np_nearest(code, x):
     return np.abs(x[..., None] - code).argmin(-1)
 
 
-def _np_nf4(w, ns, size=64):
-    blocks = _np_blocks(w, ns, size)
+def _np_nf4(w, lay, size=64):
+    """NF4 as bitsandbytes quantizes a torch weight: blocks along each layer's fan-in."""
+    ns = lay.num_stacked
+    rows = _np_rows(w, lay)
+    blocks = _np_blocks(rows, ns, size)
     absmax = np.abs(blocks).max(-1)
     codes = _np_nearest(Q.NF4_CODE, blocks / np.where(absmax > 0, absmax, 1)[..., None])
     deq = Q.NF4_CODE[codes] * absmax[..., None]
-    n = int(np.prod(w.shape[ns:]))
-    return codes, absmax, deq.reshape(*w.shape[:ns], -1)[..., :n].reshape(w.shape)
+    n = rows[(0,) * ns].size
+    deq = deq.reshape(*rows.shape[:ns], -1)[..., :n].reshape(rows.shape)
+    return codes, absmax, _np_unrows(deq, lay, w.shape)
+
+
+def _stored_shape(layer, lay, shape):
+    """One layer's array shape ``layer`` with the stacked axes of a kernel of ``shape``
+    where the kernel has them."""
+    stacked, layer = iter(lay.split_shape(shape)[0]), iter(layer)
+    return tuple(next(stacked) if c == "s" else next(layer) for c in lay.axes)
+
+
+def _np_stacked_first(qk, field, layer_ndim):
+    """One of the stored arrays with its stacked axes first, without NF4's padding axes."""
+    lay, ns = qk.kernel_layout, qk.num_stacked
+    x = np.moveaxis(np.asarray(getattr(qk, field)), lay.stacked_axes, range(ns))
+    assert x.shape[ns + layer_ndim:] == (1,) * (x.ndim - ns - layer_ndim), (field, x.shape)
+    return x.reshape(x.shape[:ns + layer_ndim])
 
 
 def _unpack(values):
@@ -72,15 +108,18 @@ def _np_dequant(qk):
     """Dequantization from the stored arrays, in numpy (independent of the library's)."""
     if qk.scheme == "int8":
         return np.asarray(qk.values, np.float32) * np.asarray(qk.scales)
-    ns = qk.num_stacked
-    absmax = np.asarray(qk.scales, np.float32)
+    lay = qk.kernel_layout
+    scales = _np_stacked_first(qk, "scales", 1)
+    absmax = scales.astype(np.float32)
     if qk.double_quant:
-        step = np.repeat(np.asarray(qk.scales_scale), 256, -1)[..., : absmax.shape[-1]]
-        absmax = Q.DYNAMIC_CODE[np.asarray(qk.scales)] * step + np.asarray(
-            qk.scales_offset)[..., None]
-    deq = Q.NF4_CODE[_unpack(qk.values)] * absmax[..., None]
+        step = np.repeat(_np_stacked_first(qk, "scales_scale", 1), 256, -1)[..., :absmax.shape[-1]]
+        absmax = Q.DYNAMIC_CODE[scales] * step + _np_stacked_first(qk, "scales_offset", 0)[
+            ..., None]
+    deq = Q.NF4_CODE[_unpack(_np_stacked_first(qk, "values", 2))] * absmax[..., None]
+    stacked, fan_in, fan_out = lay.split_shape(qk.shape)
     n = int(np.prod(qk.layer_shape))
-    return deq.reshape(*qk.shape[:ns], -1)[..., :n].reshape(qk.shape)
+    rows = deq.reshape(*stacked, -1)[..., :n].reshape(*stacked, np.prod(fan_out), np.prod(fan_in))
+    return _np_unrows(rows, lay, qk.shape)
 
 
 # -- formats ---------------------------------------------------------------------------
@@ -108,7 +147,10 @@ def test_dynamic_code_is_bitsandbytes_signed_map():
 
 
 @pytest.mark.parametrize("layout, shape", [("io", (37, 29)), ("ioo", (24, 3, 5)),
-                                           ("sio", (3, 40, 7)), ("wwio", (3, 3, 4, 6))])
+                                           ("sio", (3, 40, 7)), ("wwio", (3, 3, 4, 6)),
+                                           ("oi", (29, 37)), ("oio", (3, 24, 5)),
+                                           ("soio", (2, 3, 24, 5)), ("isoo", (24, 2, 3, 5)),
+                                           ("fv", (4, 30)), ("oiww", (6, 4, 3, 3))])
 def test_int8_matches_numpy(layout, shape):
     w = _normal(0, shape)
     qk = Q.quantize(jnp.asarray(w), "int8", layout=layout)
@@ -124,38 +166,53 @@ def test_int8_matches_numpy(layout, shape):
 
 
 @pytest.mark.parametrize("shape, layout", [((128, 64), None), ((10, 7), None),
-                                           ((2, 33, 9), "sio"), ((3, 3, 5, 8), "wwio")])
+                                           ((2, 33, 9), "sio"), ((3, 3, 5, 8), "wwio"),
+                                           ((9, 70), "oi"), ((33, 2, 3, 3), "isoo"),
+                                           ((8, 5, 3, 3), "oiww"), ((4, 300), "fv")])
 def test_nf4_matches_numpy(shape, layout):
     w = _normal(1, shape)
-    ns = jlora.Layout(layout).num_stacked if layout else 0
+    lay = jlora.Layout(layout or "io")
+    ns = lay.num_stacked
     qk = Q.quantize(jnp.asarray(w), "nf4", layout=layout)
-    codes, absmax, deq_ref = _np_nf4(w, ns)
+    codes, absmax, deq_ref = _np_nf4(w, lay)
     blocks = codes.shape[-2]
-    assert qk.values.shape == (*shape[:ns], blocks, 32) and qk.values.dtype == jnp.uint8
-    np.testing.assert_array_equal(_unpack(qk.values), codes)
-    np.testing.assert_array_equal(np.asarray(qk.scales), absmax)
+    assert qk.shape == shape and qk.kernel_layout == lay
+    # Stored with the kernel's axes: the layer axes where the kernel has them, then one
+    # layer's (blocks, 32) padded with 1s to the layer's number of axes.
+    layer = len(shape) - ns
+    assert qk.values.shape == _stored_shape((blocks, 32) + (1,) * (layer - 2), lay, shape)
+    assert qk.scales.shape == _stored_shape((blocks,) + (1,) * (layer - 1), lay, shape)
+    assert qk.values.dtype == jnp.uint8
+    np.testing.assert_array_equal(_unpack(_np_stacked_first(qk, "values", 2)), codes)
+    np.testing.assert_array_equal(_np_stacked_first(qk, "scales", 1), absmax)
+    np.testing.assert_array_equal(np.asarray(qk.stacked_first("scales")), absmax)
     np.testing.assert_allclose(np.asarray(Q.dequantize(qk)), deq_ref, rtol=0, atol=1e-6)
     # Each value is within half the widest gap of the code book of its block scale.
     half_gap = np.diff(Q.NF4_CODE).max() / 2
-    err = np.abs(_np_blocks(np.asarray(Q.dequantize(qk)) - w, ns, 64))
+    err = np.abs(_np_blocks(_np_rows(np.asarray(Q.dequantize(qk)) - w, lay), ns, 64))
     assert np.all(err <= absmax[..., None] * half_gap * (1 + 1e-6))
 
 
-def test_nf4_double_quantization_matches_numpy():
-    w = _normal(2, (2, 300, 128))  # 600 blocks per layer: three groups of 256, one partial
-    qk = Q.quantize(jnp.asarray(w), "nf4", layout="sio", double_quant=True)
-    plain = Q.quantize(jnp.asarray(w), "nf4", layout="sio")
-    absmax = np.asarray(plain.scales)
+@pytest.mark.parametrize("layout, shape", [("sio", (2, 300, 128)), ("iso", (300, 2, 128))])
+def test_nf4_double_quantization_matches_numpy(layout, shape):
+    w = _normal(2, shape)  # 600 blocks per layer: three groups of 256, one partial
+    qk = Q.quantize(jnp.asarray(w), "nf4", layout=layout, double_quant=True)
+    plain = Q.quantize(jnp.asarray(w), "nf4", layout=layout)
+    absmax = _np_stacked_first(plain, "scales", 1)
     # bitsandbytes' compress_statistics: minus the mean, blocks of 256, dynamic 8-bit code.
-    np.testing.assert_allclose(np.asarray(qk.scales_offset), absmax.mean(-1), rtol=1e-6)
-    offset = np.asarray(qk.scales_offset)[:, None]  # the same sum, in XLA's order
-    groups = _np_blocks(absmax - offset, 1, 256)
+    offset = _np_stacked_first(qk, "scales_offset", 0)
+    np.testing.assert_allclose(offset, absmax.mean(-1), rtol=1e-6)
+    groups = _np_blocks(absmax - offset[:, None], 1, 256)  # the same sum, in XLA's order
     gmax = np.abs(groups).max(-1)
     codes = _np_nearest(Q.DYNAMIC_CODE, groups / gmax[..., None]).reshape(2, -1)[:, :600]
-    assert qk.scales.dtype == jnp.uint8 and qk.scales_scale.shape == (2, 3)
-    np.testing.assert_array_equal(np.asarray(qk.scales), codes)
+    lay = jlora.Layout(layout)
+    assert qk.scales.dtype == jnp.uint8
+    assert qk.scales_scale.shape == _stored_shape((3, 1), lay, shape)
+    assert qk.scales_offset.shape == _stored_shape((1, 1), lay, shape)
+    np.testing.assert_array_equal(_np_stacked_first(qk, "scales", 1), codes)
     # (XLA may recompute the mean inside a fusion, in another order: within one ulp.)
-    np.testing.assert_allclose(np.asarray(qk.scales_scale), gmax, rtol=np.finfo(np.float32).eps)
+    np.testing.assert_allclose(_np_stacked_first(qk, "scales_scale", 1), gmax,
+                               rtol=np.finfo(np.float32).eps)
     decoded = np.asarray(qk.block_absmax())
     half_gap = np.diff(Q.DYNAMIC_CODE).max() / 2
     bound = np.repeat(gmax, 256, -1)[:, :600] * half_gap * (1 + 1e-5) + 1e-6
@@ -320,12 +377,16 @@ def test_kernels_without_adapters_stay_quantized_and_correct(quantized):
 
 class _Dense(nn.Module):
     quantized: bool
+    scheme: str = "nf4"
+    double_quant: bool = False
 
     @nn.compact
     def __call__(self, x):
         def init(key):
             w = nn.initializers.normal(0.3)(key, (x.shape[-1], D))
-            return Q.quantize(w, "nf4") if self.quantized else w
+            if not self.quantized:
+                return w
+            return Q.quantize(w, self.scheme, double_quant=self.double_quant)
 
         # A linen module declares a quantized param with an init that returns one.
         return x @ Q.dequantize(self.param("kernel", init))
@@ -333,20 +394,26 @@ class _Dense(nn.Module):
 
 class _Block(nn.Module):
     quantized: bool
+    scheme: str = "nf4"
+    double_quant: bool = False
 
     @nn.compact
     def __call__(self, h, _):
-        return jnp.tanh(_Dense(self.quantized, name="up")(h)), None
+        dense = _Dense(self.quantized, self.scheme, self.double_quant, name="up")
+        return jnp.tanh(dense(h)), None
 
 
 class _Stack(nn.Module):
     quantized: bool
+    scheme: str = "nf4"
+    double_quant: bool = False
+    axis: int = 0  # the params' layer axis (MaxText scans over axis 1)
 
     @nn.compact
     def __call__(self, x):
-        scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+        scan = nn.scan(_Block, variable_axes={"params": self.axis}, split_rngs={"params": True},
                        length=L)
-        return scan(self.quantized, name="layers")(x, None)[0]
+        return scan(self.quantized, self.scheme, self.double_quant, name="layers")(x, None)[0]
 
 
 def test_linen_scan_with_quantized_params():
@@ -358,6 +425,62 @@ def test_linen_scan_with_quantized_params():
     # The float twin of the module on the merged (dequantized) kernels.
     ref = _Stack(False).apply({"params": jlora.merge(qparams, ads)}, x)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme, double_quant", [("int8", False), ("nf4", True)])
+def test_linen_scan_over_a_layer_axis_that_is_not_first(scheme, double_quant):
+    """As MaxText, nn.scan over the params' axis 1 (kernels 'iso'): every quantized array
+    keeps the layer axis where the kernel has it, so nn.scan slices each layer's arrays,
+    which have the shapes the module's own (per-layer) initializer gives."""
+    x = jnp.asarray(_normal(15, (2, D)))
+    float_params = _Stack(False, axis=1).init(jax.random.key(0), x)["params"]
+    assert float_params["layers"]["up"]["kernel"].shape == (D, L, D)
+    qparams = Q.quantize_params(float_params, scheme, layouts={"layers/.*": "iso"},
+                                double_quant=double_quant)
+    qk = qparams["layers"]["up"]["kernel"]
+    assert qk.shape == (D, L, D) and qk.kernel_layout == jlora.Layout("iso")
+    assert all(a.ndim == 3 and a.shape[1] == L for a in jax.tree.leaves(qk))
+    model = _Stack(True, scheme, double_quant, axis=1)
+    y = model.apply({"params": qparams}, x)
+    ref = _Stack(False, axis=1).apply({"params": Q.dequantize_params(qparams)}, x)
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6)
+    # Each layer was quantized on its own: layer 1 of the stack is layer 1 quantized alone.
+    alone = Q.quantize(float_params["layers"]["up"]["kernel"][:, 1], scheme,
+                       double_quant=double_quant)
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda a: a[:, 1], qk)),
+                         jax.tree.leaves(alone), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("scheme, double_quant", [("int8", False), ("nf4", False),
+                                                  ("nf4", True)])
+@pytest.mark.parametrize("layout, canonical_shape", [
+    ("oi", (70, 9)), ("oio", (24, 3, 5)), ("soio", (2, 24, 3, 5)), ("isoo", (2, 24, 3, 5)),
+    ("fv", (30, 4)), ("oiww", (4, 3, 3, 6)),
+])
+def test_any_axis_order_quantizes_as_the_canonical_kernel(layout, canonical_shape, scheme,
+                                                          double_quant):
+    """A kernel stored in another axis order is quantized exactly as the same kernel
+    stored (*stacked, *fan_in, *fan_out): int8 arrays are their transposes, NF4 blocks and
+    scales the same numbers, and the dequantized kernel the transpose."""
+    lay = jlora.Layout(layout)
+    canonical = jlora.Layout("".join(layout[k] for k in lay.canonical_order))
+    w_canonical = _normal(16, canonical_shape)
+    to_kernel = np.argsort(lay.canonical_order)  # numpy's own transpose of the same numbers
+    w = np.transpose(w_canonical, to_kernel)
+    qc = Q.quantize(jnp.asarray(w_canonical), scheme, layout=canonical, double_quant=double_quant)
+    qk = Q.quantize_params({"k": jnp.asarray(w)}, scheme, targets="k", layouts={"k": layout},
+                           double_quant=double_quant)["k"]
+    assert qk.shape == w.shape and qk.kernel_layout == lay
+    if scheme == "int8":
+        for field in ("values", "scales"):
+            np.testing.assert_array_equal(getattr(qk, field),
+                                          np.transpose(getattr(qc, field), to_kernel))
+    else:
+        for field in qc.fields():
+            np.testing.assert_array_equal(qk.stacked_first(field), qc.stacked_first(field))
+    np.testing.assert_array_equal(Q.dequantize(qk), np.transpose(Q.dequantize(qc), to_kernel))
+    np.testing.assert_allclose(Q.dequantize(qk), _np_dequant(qk), rtol=0, atol=1e-6)
 
 
 def _adapters_for(params, layouts):
@@ -393,6 +516,239 @@ def test_no_whole_stack_float_kernel_in_a_train_step():
     assert naive.lower(ads).compile().memory_analysis().temp_size_in_bytes >= stack_bytes
 
 
+# -- stacked axes that are not the first (MaxText: nn.scan over the params' axis 1) --------
+
+HEADS, HEAD_DIM = 4, 4  # the query's (heads, head_dim) output is the next layer's input
+STACK_LAYOUTS = {"iso": {"layers/up/kernel": "iso", "layers/query/kernel": "isoo"},
+                 "sio": {"layers/up/kernel": "sio", "layers/query/kernel": "sioo"}}
+# (scheme, double_quant) of the two kernels, and which kernel has an adapter: each scheme
+# meets an "iso" and an "isoo" kernel, adapted and not.
+STACK_CASES = {
+    "up-int8-adapted": ({"up": ("int8", False), "query": ("nf4", True)}, ("layers/up/kernel",)),
+    "up-nf4-adapted": ({"up": ("nf4", True), "query": ("int8", False)}, ("layers/up/kernel",)),
+    "query-int8-adapted": ({"up": ("nf4", True), "query": ("int8", False)},
+                           ("layers/query/kernel",)),
+    "query-nf4-adapted": ({"up": ("int8", False), "query": ("nf4", True)},
+                          ("layers/query/kernel",)),
+}
+
+
+def _kernel(module, name, shape):
+    """The module's kernel as given, float or quantized, through ``dequantize``. (Given
+    params are read as they are: ``self.param`` would compare a quantized kernel's arrays
+    with the float initializer's shape.)"""
+    if module.has_variable("params", name):
+        return Q.dequantize(module.get_variable("params", name))
+    return module.param(name, nn.initializers.normal(0.3), shape)
+
+
+class _Query(nn.Module):
+    """A DenseGeneral-style ``(embed, heads, head_dim)`` kernel ("ioo")."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = _kernel(self, "kernel", (x.shape[-1], HEADS, HEAD_DIM))
+        q = jnp.einsum("bd,dhk->bhk", x, w)
+        return q.reshape(x.shape[0], HEADS * HEAD_DIM)
+
+
+class _UpQuery(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        h = jnp.tanh(h @ _kernel(self, "up", (D, D)))
+        return jnp.tanh(_Query(name="query")(h)), None
+
+
+class _LayerStack(nn.Module):
+    axis: int  # the params' layer axis: 1 as MaxText ("iso", "isoo"), 0 canonical
+
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_UpQuery, variable_axes={"params": self.axis},
+                       split_rngs={"params": True}, length=L)
+        return scan(name="layers")(x, None)[0]
+
+
+def _stack_params(axis: int):
+    """Float params of the stack with the layers at ``axis``, paths ``layers/up/kernel``."""
+    p = _LayerStack(axis).init(jax.random.key(3), jnp.zeros((1, D)))["params"]["layers"]
+    return {"layers": {"up": {"kernel": p["up"]}, "query": p["query"]}}
+
+
+def _stack_apply(axis):
+    def model(p, x):
+        tree = {"layers": {"up": p["layers"]["up"]["kernel"], "query": p["layers"]["query"]}}
+        return _LayerStack(axis).apply({"params": tree}, x)
+
+    return model
+
+
+def _loop_model(p, x):
+    """The same layers in a python loop, each layer read as ``W[:, i]`` of the whole
+    dequantized stack (stored "iso" / "isoo")."""
+    up = Q.dequantize(p["layers"]["up"]["kernel"])
+    query = Q.dequantize(p["layers"]["query"]["kernel"])
+    h = x
+    for i in range(L):
+        h = jnp.tanh(h @ up[:, i])
+        q = jnp.einsum("bd,dhk->bhk", h, query[:, i])
+        h = jnp.tanh(q.reshape(h.shape[0], HEADS * HEAD_DIM))
+    return h
+
+
+def _moveaxis_scan_model(p, x):
+    """The whole stacks dequantized, their layer axis moved first, then a ``lax.scan``."""
+    ups = jnp.moveaxis(Q.dequantize(p["layers"]["up"]["kernel"]), 1, 0)
+    queries = jnp.moveaxis(Q.dequantize(p["layers"]["query"]["kernel"]), 1, 0)
+
+    def layer(h, ws):
+        h = jnp.tanh(h @ ws[0])
+        q = jnp.einsum("bd,dhk->bhk", h, ws[1])
+        return jnp.tanh(q.reshape(h.shape[0], HEADS * HEAD_DIM)), None
+
+    return jax.lax.scan(layer, x, (ups, queries))[0]
+
+
+STACK_MODELS = {"nn.scan-axis-1": _stack_apply(axis=1), "loop": _loop_model,
+                "moveaxis-scan": _moveaxis_scan_model}
+
+
+def _quantized_stacks(params, schemes, layouts):
+    return {"layers": {
+        name: {"kernel": Q.quantize(params["layers"][name]["kernel"], scheme,
+                                    layout=layouts[f"layers/{name}/kernel"], double_quant=dq)}
+        for name, (scheme, dq) in schemes.items()}}
+
+
+def _whole_stack_floats(fn, *args) -> list:
+    """Float arrays in the traced program of ``fn`` with a whole stack's shape (any order)."""
+    shapes = {tuple(sorted(s)) for s in ((D, L, D), (D, L, HEADS, HEAD_DIM))}
+    closed = jax.make_jaxpr(fn)(*args)
+    return [(e.primitive.name, v.aval.shape) for e in jc.iter_eqns(closed.jaxpr)
+            for v in e.outvars if jnp.issubdtype(v.aval.dtype, jnp.floating)
+            and tuple(sorted(v.aval.shape)) in shapes]
+
+
+@pytest.fixture(scope="module")
+def stack_case():
+    """``get(case, model)``: the quantized "iso"/"isoo" params, adapters, input and the
+    references (computed once, under jit): the model on the merged dequantized kernels,
+    and the canonical model ("sio"/"sioo", nn.scan over axis 0) under ``jlora.lora``."""
+    iso = _stack_params(axis=1)
+    assert iso["layers"]["up"]["kernel"].shape == (D, L, D)
+    assert iso["layers"]["query"]["kernel"].shape == (D, L, HEADS, HEAD_DIM)
+    canonical = jax.tree.map(lambda w: jnp.moveaxis(w, 1, 0), iso)
+    x = jnp.asarray(_normal(17, (2, D)))
+
+    def outputs(f, params, ads):  # the model's value, and the gradient of a loss
+        def loss(a):
+            return (f(params, a, x) ** 2).sum()
+
+        return jax.jit(f)(params, ads, x), jax.jit(jax.grad(loss))(ads)
+
+    @functools.cache
+    def case_data(case):
+        schemes, adapted = STACK_CASES[case]
+        qparams = _quantized_stacks(iso, schemes, STACK_LAYOUTS["iso"])
+        ads = {p: a for p, a in _adapters_for(qparams, STACK_LAYOUTS["iso"]).items()
+               if p in adapted}
+        # The same factors on the canonical kernels: A and B have one shape in any order.
+        ads_canonical = {p: a.replace(layout=jlora.Layout(STACK_LAYOUTS["sio"][p]))
+                         for p, a in ads.items()}
+        qcanonical = _quantized_stacks(canonical, schemes, STACK_LAYOUTS["sio"])
+        want = outputs(jlora.lora(_stack_apply(axis=0)), qcanonical, ads_canonical)
+        return qparams, ads, want
+
+    @functools.cache
+    def get(case, model):
+        qparams, ads, want_canonical = case_data(case)
+        f = STACK_MODELS[model]
+        floats = Q.dequantize_params(qparams)
+        want_merged = outputs(lambda p, a, x: f(jlora.merge(p, a), x), floats, ads)
+        return qparams, ads, x, (want_merged, want_canonical)
+
+    return get
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("model", STACK_MODELS)
+@pytest.mark.parametrize("case", STACK_CASES)
+def test_quantized_stack_with_layers_not_first_stays_factored(stack_case, case, model, jit):
+    """Quantized "iso"/"isoo" stacks under nn.scan(variable_axes={'params': 1}) (a
+    transpose of every quantized array, then a scan), indexed ``W[:, i]`` (a slice and
+    squeeze of the layer axis) and dequantized whole, moved layers-first and scanned:
+    adapted kernels factored, only one layer dequantized at a time, values and adapter
+    gradients those of the merged float model and of the same model with its kernels
+    stored (and quantized) canonically, "sio"/"sioo"."""
+    qparams, ads, x, wants = stack_case(case, model)
+    f = STACK_MODELS[model]
+    maybe_jit = jax.jit if jit else (lambda fn: fn)
+    g = jlora.lora(f)
+
+    def loss(a, x):
+        return (g(qparams, a, x) ** 2).sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jlora.FactoredFallbackWarning)
+        y = maybe_jit(g)(qparams, ads, x)
+        grads = maybe_jit(jax.grad(loss))(ads, x)
+    if jit:  # the program is the same in both variants: inspect it once
+        assert jlora.lora_report(f, qparams, ads, x) == dict.fromkeys(ads, "factored")
+        assert _whole_stack_floats(g, qparams, ads, x) == []
+    for want_y, want_grads in wants:
+        np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4,
+                                       atol=1e-4 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("layout, shape, scheme, double_quant", [
+    ("iso", (16, L, 8), "int8", False), ("iso", (16, L, 8), "nf4", False),
+    ("isoo", (70, L, 2, 4), "nf4", True), ("isoo", (70, L, 2, 4), "int8", False),
+])
+def test_vmap_over_a_stacked_axis_that_is_not_first(layout, shape, scheme, double_quant):
+    """``vmap`` of ``dequantize`` over the layer axis where the kernel has it (axis 1):
+    one layer per mapped index, and the batch re-stacked anywhere by ``out_axes``."""
+    qk = Q.quantize(jnp.asarray(_normal(18, shape)), scheme, layout=layout,
+                    double_quant=double_quant)
+    whole = _np_dequant(qk)
+    layers = jax.vmap(Q.dequantize, in_axes=1)(qk)
+    np.testing.assert_allclose(layers, np.moveaxis(whole, 1, 0), rtol=0, atol=1e-6)
+    again = jax.jit(jax.vmap(Q.dequantize, in_axes=1, out_axes=1))(qk)
+    np.testing.assert_allclose(again, whole, rtol=0, atol=1e-6)
+    # Layer 1 mapped alone is layer 1 of the whole kernel.
+    np.testing.assert_allclose(Q.dequantize(jax.tree.map(lambda a: a[:, 1], qk)), whole[:, 1],
+                               rtol=0, atol=1e-6)
+
+
+def test_nested_vmap_over_two_stacked_axes():
+    """vmap over the first stacked axis of "sisoo", then over the next (axis 1 of each):
+    the statics follow each mapped kernel, and the result is the kernel, layers first."""
+    qk = Q.quantize(jnp.asarray(_normal(19, (2, 70, L, 2, 4))), "nf4", layout="sisoo",
+                    double_quant=True)
+    got = jax.jit(jax.vmap(jax.vmap(Q.dequantize, in_axes=1)))(qk)
+    np.testing.assert_allclose(got, np.moveaxis(_np_dequant(qk), 2, 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_vmap_over_layers_inside_lora(scheme):
+    """A model that vmaps over the layer axis of an "iso" kernel (one input per layer, as
+    experts): dequantize is batched over a stacked axis that is not first, under lora."""
+    w = jnp.asarray(_normal(20, (D, L, D), 0.3))
+    qparams = {"experts": {"kernel": Q.quantize(w, scheme, layout="iso")}}
+    ads = _adapters_for(qparams, {"experts/kernel": "iso"})
+
+    def model(p, xs):
+        return jax.vmap(lambda k, x: x @ Q.dequantize(k), in_axes=(1, 0))(
+            p["experts"]["kernel"], xs)
+
+    xs = jnp.asarray(_normal(21, (L, 2, D)))
+    y = jax.jit(jlora.lora(model))(qparams, ads, xs)
+    floats = Q.dequantize_params(qparams)
+    np.testing.assert_allclose(y, model(jlora.merge(floats, ads), xs), rtol=1e-5, atol=1e-5)
+    assert jlora.lora_report(model, qparams, ads, xs) == {"experts/kernel": "factored"}
+
+
 def test_adapted_quantized_kernel_used_raw_is_an_error(quantized):
     qparams = quantized["mix-a"]
     ads = _adapters(qparams)
@@ -402,10 +758,17 @@ def test_adapted_quantized_kernel_used_raw_is_an_error(quantized):
 
     with pytest.raises(ValueError, match=r"'head/kernel' is used as its raw `values` array"):
         jlora.lora(raw)(qparams, {"head/kernel": ads["head/kernel"]}, jnp.ones((2, 12)))
-    flat = {"kernel": Q.quantize(jnp.ones((L, D, D)), "nf4")}  # quantized as one 3-D tensor
-    with pytest.raises(ValueError, match=r"'kernel' has 0 stacked axes .* 'sio' has 1"):
-        jlora.lora(lambda p, x: x @ Q.dequantize(p["kernel"])[0])(
-            flat, _adapters_for(flat, {"kernel": "sio"}), jnp.ones((2, D)))
+
+
+@pytest.mark.parametrize("stored, adapter", [("iio", "sio"), ("sio", "iso"), ("iso", "sio")])
+def test_stacked_axes_of_a_quantized_kernel_must_be_its_adapters(stored, adapter):
+    """A kernel quantized as one tensor, or with its layers at another axis, than its
+    adapter's layout says (the shape (D, D, D) fits both): an error naming both layouts."""
+    qparams = {"kernel": Q.quantize(jnp.ones((D, D, D)), "nf4", layout=stored)}
+    ads = _adapters_for(qparams, {"kernel": adapter})
+    with pytest.raises(ValueError, match=rf"'kernel' was quantized with layout '{stored}' "
+                                         rf".* here is '{adapter}' .* layout='{adapter}'"):
+        jlora.lora(lambda p, x: x @ Q.dequantize(p["kernel"])[0])(qparams, ads, jnp.ones((2, D)))
 
 
 # -- merging into a quantized base --------------------------------------------------------
@@ -430,8 +793,7 @@ def test_merge_into_quantized_base(quantized, mix):
         assert Q.is_quantized(leaf) and leaf.statics() == old.statics()
         assert leaf.double_quant == old.double_quant
         redo = Q.quantize(jlora.paths.select(merged, ".*")[path], old.scheme,
-                          layout="s" * old.num_stacked + old.layout,
-                          double_quant=old.double_quant)
+                          layout=old.kernel_layout, double_quant=old.double_quant)
         np.testing.assert_array_equal(leaf.values, redo.values)
 
 

@@ -52,11 +52,44 @@ SUBPROCESS_TIMEOUT_S = 300  # a bound for hangs (e.g. a collective waiting for a
         ("sioo", P(None, ("x", "y")), P(None, ("x", "y"), None), P(None, None, None, None),
          P(None, None, None)),
         ("io", P(), P(None, None), P(None, None), P(None)),
+        # Kernels in other axis orders: each factor axis takes the spec of its role.
+        ("oi", P("x", "y"), P("y", None), P(None, "x"), P("x")),
+        ("oio", P("h", "e", "d"), P("e", None), P(None, "h", "d"), P("h", "d")),
+        ("isoo", P("embed", "layers", "heads"), P("layers", "embed", None),
+         P("layers", None, "heads", None), P("layers", "heads", None)),
+        ("soio", P("s", "h", "e"), P("s", "e", None), P("s", None, "h", None), P("s", "h", None)),
+        ("fv", P("x", "y"), P("y", None), P(None, "x"), P("x")),
+        ("oiww", P("y", "x"), P("x", None, None, None), P(None, "y"), P("y")),
     ],
 )
 def test_factor_specs_follow_the_kernel_axes(layout, kernel_spec, want_a, want_b, want_m):
     a, b, m = factor_specs(Layout(layout), kernel_spec)
     assert (a, b, m) == (want_a, want_b, want_m)
+
+
+ORDERS = [("oi", (6, 8)), ("oio", (2, 8, 3)), ("soio", (3, 2, 8, 4)), ("isoo", (8, 3, 2, 4)),
+          ("fv", (4, 10)), ("oiww", (4, 2, 3, 3))]
+_GROUP = {"s": 0, "i": 1, "w": 1, "v": 1, "o": 2, "f": 2}
+
+
+@pytest.mark.parametrize("axes, shape", ORDERS, ids=[a for a, _ in ORDERS])
+def test_adapters_of_any_axis_order_are_sharded_as_the_canonical_kernel(axes, shape):
+    """A kernel stored in any order, sharded with one mesh axis name per kernel axis,
+    gives its factors the specs of the same kernel stored (stacked, fan-in, fan-out) with
+    its spec permuted alike."""
+    order = sorted(range(len(axes)), key=lambda k: _GROUP[axes[k]])
+    canonical = "".join(axes[k] for k in order)
+    names = [f"axis{k}" for k in range(len(axes))]
+    lay = Layout(axes)
+    a_shape, b_shape = lay.factor_shapes(shape, 2)
+    ad = jlora.Adapter(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), layout=lay, rank=2)
+    specs = jlora.adapter_specs({"k": ad}, {"k": P(*names)})["k"]
+    want = factor_specs(Layout(canonical), P(*[names[k] for k in order]))
+    assert (specs.a, specs.b) == want[:2]
+    assert factor_specs(lay, P(*names))[2] == want[2]
+    # Every mesh axis of the kernel lands on exactly one of A and B (the rank axis is None).
+    used = [n for spec in (specs.a, specs.b) for n in spec if n is not None]
+    assert sorted(used) == sorted(names + [names[k] for k in lay.stacked_axes])
 
 
 def test_factor_specs_rejects_a_spec_longer_than_the_kernel():

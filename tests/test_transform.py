@@ -204,7 +204,9 @@ def case_mlp():
         "l2": {"w": _normal(7, 7), "b": jnp.zeros(7)},
         "head": _normal(3, 7),
     }
-    ads = _adapters(params, targets=r"l1/w|l2/w|head")
+    # The head's layout is given: guessed from its shape it would be 'io', which the
+    # model's transposed use contradicts (see test_guessed_layout_contradicted_by_the_model).
+    ads = _adapters(params, targets=r"l1/w|l2/w|head", layouts={"head": "oi"})
     return fn, params, ads, (_normal(4, 5),)
 
 
@@ -220,6 +222,63 @@ def case_control_flow():
     return fn, params, _adapters(params, targets="w"), (x,)
 
 
+def case_einsum_heads_first():
+    # The gemma package's attention: q_einsum (N, D, H) 'oio'; kv_einsum (2, K, D, H) with
+    # k and v unpacked from the einsum's output 'soio'; attn_vec_einsum (N, H, D) 'iio'.
+    def fn(p, x):
+        q = jnp.einsum("BTD,NDH->BTNH", x, p["q_einsum"])
+        k, v = jnp.einsum("BSD,CKDH->CBSKH", x, p["kv_einsum"])
+        logits = jnp.einsum("BTNH,BSKH->BTNS", q, k)
+        h = jnp.einsum("BTNS,BSKH->BTNH", jax.nn.softmax(logits), v)
+        return jnp.einsum("BTNH,NHD->BTD", h, p["attn_vec_einsum"])
+
+    params = {"q_einsum": _normal(2, 6, 3), "kv_einsum": _normal(2, 1, 6, 3),
+              "attn_vec_einsum": _normal(2, 3, 6)}
+    x = _normal(2, 4, 6)
+    layouts = jlora.infer_layouts(fn, params, x)
+    assert dict(layouts) == {"q_einsum": "oio", "kv_einsum": "soio", "attn_vec_einsum": "iio"}
+    return fn, params, _adapters(params, targets=".*", layouts=layouts), (x,)
+
+
+def case_scan_axis_1():
+    # MaxText with scan_layers: parameters scanned over axis 1, so the query kernel is
+    # (embed, layers, heads, head_dim) 'isoo' and the MLP kernels (in, layers, out) 'iso'.
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            q = nn.DenseGeneral((2, 3), name="query")(x)
+            x = x + nn.DenseGeneral(6, axis=(-2, -1), name="out")(jnp.tanh(q))
+            return x + nn.Dense(6, name="wo")(jax.nn.gelu(nn.Dense(8, name="wi")(x))), None
+
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.scan(Layer, variable_axes={"params": 1}, split_rngs={"params": True},
+                           length=3)(name="layers")(x, None)[0]
+
+    x = _normal(2, 4, 6)
+    # Kernels scaled to their real fan-in (_numpy_params reads it from axis -2, here a
+    # layer or head axis), so three residual layers keep activations and gradients O(1).
+    params = jax.tree.map(lambda w: w / np.sqrt(6) if w.ndim > 2 else w,
+                          _numpy_params(jax.eval_shape(M().init, jax.random.key(1), x)))
+    layouts = jlora.infer_layouts(M().apply, params, x)
+    assert layouts["params/layers/query/kernel"] == "isoo"
+    assert layouts["params/layers/out/kernel"] == "isio"
+    assert layouts["params/layers/wi/kernel"] == "iso"
+    return M().apply, params, _adapters(params, layouts=layouts), (x,)
+
+
+def case_conv_torch_order():
+    # A conv filter stored as torch stores it, (out, in, kh, kw): 'oiww'.
+    def fn(p, x):
+        y = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+        return jnp.tanh(y).mean(axis=(2, 3))
+
+    params, x = {"conv": _normal(4, 3, 3, 2)}, _normal(2, 3, 5, 6)
+    return fn, params, _adapters(params, targets="conv", layouts={"conv": "oiww"}), (x,)
+
+
 CASES = {
     "dense": case_dense,
     "dense_general": case_dense_general,
@@ -231,6 +290,9 @@ CASES = {
     "nnx": case_nnx,
     "mlp": case_mlp,
     "control_flow": case_control_flow,
+    "einsum_heads_first": case_einsum_heads_first,
+    "scan_axis_1": case_scan_axis_1,
+    "conv_torch_order": case_conv_torch_order,
 }
 
 
@@ -252,46 +314,71 @@ def _assert_close(got, want, name):
             np.testing.assert_allclose(g, w, **F32_TOL)
 
 
-def _loss_fns(fn, params, args, weights):
-    """(factored, reference): adapters -> (weighted sum of outputs, outputs)."""
+# The ways jlora.lora can compute a factored dot: a plain einsum with JAX's derivative,
+# the hand-written backward pass, and that pass with shared-input fusion.
+MODES = {
+    "einsum": dict(custom_vjp=False),
+    "custom_vjp": dict(custom_vjp=True, fuse_shared_inputs=False),
+    "fused": dict(custom_vjp=True, fuse_shared_inputs=True),
+}
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+
+
+def _loss_fns(name, mode):
+    """(factored, reference): ``(params, adapters, float inputs) -> (weighted sum of
+    outputs, outputs)``; integer inputs (token ids) are closed over."""
+    fn, params, _, args = _case(name)
+    out_shapes = jax.eval_shape(lambda: fn(params, *args))
+    _RNG[0] = np.random.default_rng(zlib.crc32(f"{name}/weights".encode()))
+    weights = [_normal(*s.shape) for s in jax.tree.leaves(out_shapes)]
 
     def reduce(out):
         return sum(jnp.sum(o.astype(jnp.float32) * w) for o, w in
                    zip(jax.tree.leaves(out), weights, strict=True)), out
 
-    factored = jlora.lora(fn)
+    def with_inputs(floats):
+        it = iter(floats)
+        return [next(it) if _is_float(a) else a for a in args]
+
+    factored = jlora.lora(fn, **MODES[mode])
     return (
-        lambda ads: reduce(factored(params, ads, *args)),
-        lambda ads: reduce(fn(jlora.merge(params, ads), *args)),
+        lambda p, ads, floats: reduce(factored(p, ads, *with_inputs(floats))),
+        lambda p, ads, floats: reduce(fn(jlora.merge(p, ads), *with_inputs(floats))),
     )
 
 
 @functools.cache
 def _reference(name):
-    """The dense reference for a case: jitted value-and-grad of f(merge(params, adapters))."""
-    fn, params, ads, args = _case(name)
-    out_shapes = jax.eval_shape(lambda: fn(params, *args))
-    weights = [_normal(*s.shape) for s in jax.tree.leaves(out_shapes)]
-    factored, reference = _loss_fns(fn, params, args, weights)
-    return factored, jax.jit(jax.value_and_grad(reference, has_aux=True))
+    """The dense reference for a case: jitted value-and-grad of f(merge(params, adapters))
+    w.r.t. the params, the adapters and the floating inputs."""
+    _, reference = _loss_fns(name, "einsum")
+    return jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_merge_values_and_adapter_grads(name, jit):
-    _, _, ads, _ = _case(name)
-    factored, vg_r = _reference(name)
-    vg_f = jax.value_and_grad(factored, has_aux=True)
+def test_matches_merge_values_and_grads(name, mode, jit):
+    """The core equation, ``lora(f)(params, adapters, x) == f(merge(params, adapters), x)``,
+    for values and for gradients w.r.t. params, adapters and inputs."""
+    _, params, ads, args = _case(name)
+    floats = [a for a in args if _is_float(a)]
+    factored, _ = _loss_fns(name, mode)
+    vg_f = jax.value_and_grad(factored, argnums=(0, 1, 2), has_aux=True)
     if jit:
         vg_f = jax.jit(vg_f)
     with warnings.catch_warnings():
         warnings.simplefilter("error", jlora.FactoredFallbackWarning)  # all factored
-        (_, out_f), grads_f = vg_f(ads)
-    (_, out_r), grads_r = vg_r(ads)
+        (_, out_f), grads_f = vg_f(params, ads, floats)
+    (_, out_r), grads_r = _reference(name)(params, ads, floats)
     _assert_close(out_f, out_r, name)
     _assert_close(grads_f, grads_r, name)
     # The cases are built so the adapters matter: a wrong branch cannot hide.
-    (_, out_base), _ = vg_r({p: a.replace(b=jnp.zeros_like(a.b)) for p, a in ads.items()})
+    zero_b = {p: a.replace(b=jnp.zeros_like(a.b)) for p, a in ads.items()}
+    (_, out_base), _ = _reference(name)(params, zero_b, floats)
     changed = max(float(jnp.abs(jnp.asarray(o, jnp.float32) - jnp.asarray(b, jnp.float32)).max())
                   for o, b in zip(jax.tree.leaves(out_r), jax.tree.leaves(out_base), strict=True))
     assert changed > 1e-2
@@ -373,7 +460,8 @@ def _moves(p, x):
 def test_moves_keep_the_kernel_factored(jit):
     _RNG[0] = np.random.default_rng(6)
     params = {"w": _normal(5, 4, scale=0.5), "s": _normal(3, 5, 4, scale=0.5)}
-    ads = _adapters(params, targets="w|s", layouts={"s": "sio"})
+    # w is gathered from and used as w.T below, on purpose: its layout is given, not guessed.
+    ads = _adapters(params, targets="w|s", layouts={"s": "sio", "w": "io"})
     x = _normal(6, 5)
     assert jlora.lora_report(_moves, params, ads, x) == {"w": "factored", "s": "factored"}
     weights = jax.tree.map(lambda o: _normal(*o.shape), jax.eval_shape(_moves, params, x))
@@ -395,6 +483,8 @@ def test_while_loop_over_a_kernel_forward(dense, jit):
 
         return jax.lax.while_loop(lambda c: c[1] < 3, body, (x @ p["w"], 0))[0]
 
+    # v is used as v and as v.T on purpose: its layout is given, not guessed.
+    ads = {**ads, "v": ads["v"].replace(layout=jlora.Layout("io"))}
     g = jax.jit(jlora.lora(fn)) if jit else jlora.lora(fn)
     np.testing.assert_allclose(g(params, ads, x), _on_merged(fn, params, ads, x), **F32_TOL)
     assert jlora.lora_report(fn, params, ads, x) == {"w": "factored", "v": "factored"}
@@ -714,3 +804,43 @@ def test_collect_inputs_dense_general_and_stacked():
         jlora.collect_inputs(fn, params, ["first"], x)
     with pytest.raises(ValueError, match=r"path 'firts' is not a leaf of `params`.*'first'"):
         jlora.collect_inputs(fn, params, ["firts"], x)
+
+
+def test_guessed_layout_contradicted_by_the_model_is_an_error_everywhere():
+    # A square kernel stored (out, in) and used as x @ W.T: the guess 'io' would apply the
+    # adapter transposed relative to PEFT's meaning. lora, lora_report and collect_inputs
+    # refuse it, naming the path, the guess, the use and the fix; the given layout works.
+    def fn(p, x):
+        return jnp.tanh(x @ p["proj"].T)
+
+    params, x = {"proj": _normal(4, 4)}, _normal(3, 4)
+    guessed = _adapters(params, targets="proj")
+    assert guessed["proj"].layout.guessed
+    match = (r"path 'proj'.*layout 'io' \(guessed.*dot_general at .*test_transform.py.*"
+             r"uses it as 'oi'.*infer_layouts")
+    with pytest.raises(jlora.LayoutError, match=match):
+        jlora.lora(fn)(params, guessed, x)
+    with pytest.raises(jlora.LayoutError, match=match):
+        jlora.lora_report(fn, params, guessed, x)
+    with pytest.raises(jlora.LayoutError, match=match):
+        jlora.collect_inputs(fn, params, ["proj"], x)
+    given = _adapters(params, targets="proj", layouts=jlora.infer_layouts(fn, params, x))
+    assert given["proj"].layout.axes == "oi" and not given["proj"].layout.guessed
+    np.testing.assert_allclose(jlora.lora(fn)(params, given, x),
+                               fn(jlora.merge(params, given), x), **F32_TOL)
+    assert jlora.collect_inputs(fn, params, {"proj": "oi"}, x)["proj"].shape == (3, 4)
+
+
+def test_guesses_the_model_confirms_are_checked_once_per_signature(dense, monkeypatch):
+    from jlora import _layout_inference
+
+    params, ads, x = dense
+    assert all(a.layout.guessed for a in ads.values())
+    calls = []
+    check = _layout_inference.check_guessed_layouts
+    monkeypatch.setattr(_layout_inference, "check_guessed_layouts",
+                        lambda *a: calls.append(a) or check(*a))
+    g = jlora.lora(lambda p, x: jnp.tanh(x @ p["w"]) @ p["v"])
+    g(params, ads, x)
+    g(params, ads, x)  # same signature and guesses: not read again
+    assert len(calls) == 1 and set(calls[0][2]) == {"w", "v"}

@@ -699,3 +699,83 @@ def test_corda_on_a_conv_from_fn(conv_embed_case):
                                rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(jlora.lora(conv_embed_model)(base, ads, ids), want,
                                rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class Gain(variants.Variant):
+    """A variant made up for the test: ``W' = (1 + g)·(W + s·A@B)`` with a trainable gain
+    ``g`` per output feature (kept in the adapter's ``magnitude``), zero at init."""
+
+    name, title, rescales_output = "test-gain", "gain", True
+
+    def extra_shapes(self, layout, kernel_shape):
+        stacked, _, fan_out = layout.split_shape(kernel_shape)
+        return {"magnitude": (*stacked, *fan_out)}
+
+    def init(self, kernel, adapter):
+        shape = self.extra_shapes(adapter.layout, kernel.shape)["magnitude"]
+        return adapter.replace(magnitude=jnp.zeros(shape, adapter.a.dtype))
+
+    def _scaled(self, kernel, adapter, power):
+        lay = adapter.layout
+        gain = (1.0 + adapter.magnitude.astype(jnp.float32)) ** power
+        stacked = gain.shape[: lay.num_stacked]
+        matrix = lay.to_matrix(kernel.astype(jnp.float32))
+        return lay.from_matrix(matrix * gain.reshape(*stacked, 1, -1), kernel.shape)
+
+    def merge(self, kernel, adapter):
+        return self._scaled(super().merge(kernel, adapter), adapter, 1).astype(kernel.dtype)
+
+    def unmerge(self, kernel, adapter):
+        return super().unmerge(self._scaled(kernel, adapter, -1), adapter)
+
+    def output_factor(self, kernel, adapter):
+        return 1.0 + adapter.magnitude.astype(jnp.float32)
+
+    def combine(self, base, branch, factor, dropped):
+        return (factor.astype(base.dtype) * (base + branch.astype(base.dtype))).astype(base.dtype)
+
+
+@pytest.fixture
+def gain_variant(monkeypatch):
+    """``Gain`` registered for one test only."""
+    monkeypatch.setattr(jlora._variant, "_REGISTRY", dict(jlora._variant._REGISTRY))
+    return variants.register_variant(Gain())
+
+
+def test_a_registered_variant_works_everywhere(gain_variant, mlp_case):
+    """init, merge, unmerge and the factored transform all go through the variant."""
+    params, x, _ = mlp_case
+    assert "test-gain" in variants.variant_names()
+    config = jlora.LoraConfig(rank=2, alpha=ALPHA, targets="l[12]/kernel|head/kernel",
+                              variant="test-gain")
+    ads = jlora.init(jax.random.key(0), params, config)
+    assert ads["l1/kernel"].magnitude.shape == (12,) and not ads["l1/kernel"].magnitude.any()
+    np.testing.assert_allclose(mlp(jlora.merge(params, ads), x), mlp(params, x), rtol=1e-6)
+    ads = {path: ad.replace(magnitude=rand(80 + i, ad.magnitude.shape, 0.5))
+           for i, (path, ad) in enumerate(perturbed(ads, seed=70).items())}
+    merged = jlora.merge(params, ads)
+    for path, ad in ads.items():
+        w = np.asarray(params[path.split("/")[0]]["kernel"], np.float64)
+        want = (1 + np.asarray(ad.magnitude)) * (w + np.asarray(ad.delta(), np.float64))
+        np.testing.assert_allclose(merged[path.split("/")[0]]["kernel"], want, rtol=1e-5,
+                                   atol=1e-6)
+    back = jlora.unmerge(merged, ads)
+    for leaf in ("l1", "l2", "head"):
+        np.testing.assert_allclose(back[leaf]["kernel"], params[leaf]["kernel"], rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(jlora.lora(mlp)(params, ads, x), mlp(merged, x), rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"gain adapter at path 'l1/kernel' has no magnitude"):
+        jlora.merge(params, {"l1/kernel": ads["l1/kernel"].replace(magnitude=None)})
+
+
+def test_unknown_variant_is_refused_with_the_registered_names():
+    ad = random_adapter("io", (12, 10), 2, "standard").replace(variant="vera")
+    with pytest.raises(ValueError, match=r"Unknown adapter variant 'vera': expected one of "
+                                         r"\['lora', 'dora'.*register_variant"):
+        jlora.merge({"k": rand(1, (12, 10))}, {"k": ad})
+    with pytest.raises(ValueError, match=r"`variant` must be one of \['lora', 'dora'"):
+        jlora.LoraConfig(variant="vera")

@@ -1,16 +1,16 @@
 """Shared plumbing of the SVD-based inits: kernels as matrices, adapters from factors.
 
-Every init works on a kernel's matricized view ``(*stacked, fan_in, fan_out)`` (fan-in
-axes always precede fan-out axes, so this is a reshape) and mirrors PEFT, which works on
-the transposed torch weight ``(out, in)``: so ``lora_A`` of PEFT is our ``Aᵀ`` and
-``lora_B`` our ``Bᵀ``.
+Every init works on a kernel's matrix view ``(*stacked, fan_in, fan_out)``
+(:meth:`jlora.layouts.Layout.to_matrix`, whatever the order of the kernel's axes) and
+mirrors PEFT, which works on the transposed torch weight ``(out, in)``: so ``lora_A`` of
+PEFT is our ``Aᵀ`` and ``lora_B`` our ``Bᵀ``.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jlora import paths as paths_lib
 from jlora.adapter import Adapter, Adapters
 from jlora.config import LoraConfig
-from jlora.initializers import kernel_key, plan
+from jlora.initializers import init_variant_arrays, kernel_key, plan
 from jlora.layouts import Layout
 
 __all__ = ["randomized_svd"]
@@ -47,23 +47,18 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def kernel_matrix(kernel: jax.Array, layout: Layout) -> jax.Array:
-    """The kernel as float32 ``(*stacked, fan_in, fan_out)``."""
-    stacked, fan_in, fan_out = layout.split_shape(kernel.shape)
-    return kernel.reshape(*stacked, math.prod(fan_in), math.prod(fan_out)).astype(jnp.float32)
+    """The kernel's matrix view as float32 ``(*stacked, fan_in, fan_out)``."""
+    return layout.to_matrix(kernel).astype(jnp.float32)
 
 
 def factors_from_matrices(a2, b2, layout: Layout, shape, dtype):
-    """``A (*stacked, fan_in, r)`` and ``B (*stacked, r, fan_out)`` in the kernel's layout."""
-    stacked, fan_in, fan_out = layout.split_shape(shape)
-    rank = a2.shape[-1]
-    return (
-        a2.reshape(*stacked, *fan_in, rank).astype(dtype),
-        b2.reshape(*stacked, rank, *fan_out).astype(dtype),
-    )
+    """``A (*stacked, *fan_in, r)`` and ``B (*stacked, r, *fan_out)`` from their matrices."""
+    a, b = layout.factors_from_matrices(a2, b2, shape)
+    return a.astype(dtype), b.astype(dtype)
 
 
 def make_adapter(a, b, entry: dict, config: LoraConfig, **overrides) -> Adapter:
-    fields = dict(
+    fields: dict[str, Any] = dict(
         layout=entry["layout"], rank=entry["rank"], alpha=entry["alpha"], scale=entry["scale"],
         policy=config.policy_name, variant=config.variant, dropout=float(config.dropout),
     )
@@ -88,10 +83,10 @@ def check_layouts(planned: dict, init_name: str, *, stacked_ok: bool, embed_ok: 
             )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "dtype", "shape", "out_dtype"))
-def _residual(w2, a2, b2, *, scale, dtype, shape, out_dtype):
+@functools.partial(jax.jit, static_argnames=("scale", "dtype", "layout", "shape", "out_dtype"))
+def _residual(w2, a2, b2, *, scale, dtype, layout, shape, out_dtype):
     stored = matmul(a2.astype(dtype).astype(jnp.float32), b2.astype(dtype).astype(jnp.float32))
-    return (w2 - scale * stored).reshape(shape).astype(out_dtype)
+    return layout.from_matrix(w2 - scale * stored, shape).astype(out_dtype)
 
 
 def base_changing_init(
@@ -101,7 +96,7 @@ def base_changing_init(
 
     ``key`` may be None for deterministic inits; else each kernel gets its own key.
 
-    ``w2`` is the float32 matricized kernel. The new base is ``W - s·A@B`` computed from
+    ``w2`` is the float32 matrix view of the kernel. The new base is ``W - s·A@B`` computed from
     the factors *as stored* (after the cast to ``config.dtype``), so ``new_base + s·A@B``
     reproduces ``W`` as closely as the stored dtypes allow.
     """
@@ -115,14 +110,11 @@ def base_changing_init(
         a2, b2 = factor_fn(None if key is None else kernel_key(key, path), path, entry, w2)
         a, b = factors_from_matrices(a2, b2, layout, kernel.shape, dtype)
         new_kernels[path] = _residual(w2, a2, b2, scale=entry["scale"], dtype=dtype,
-                                      shape=tuple(kernel.shape), out_dtype=kernel.dtype)
+                                      layout=layout, shape=tuple(kernel.shape),
+                                      out_dtype=kernel.dtype)
         adapters[path] = make_adapter(a, b, entry, config)
     new_params = replace_leaves(params, new_kernels)
-    if config.variant == "dora":
-        from jlora.variants._dora import init_dora_magnitudes
-
-        adapters = init_dora_magnitudes(new_params, adapters)
-    return new_params, adapters
+    return new_params, init_variant_arrays(new_params, adapters)
 
 
 def randomized_svd(

@@ -3,7 +3,8 @@
 The data arrives in one of two forms:
 
 * ``inputs``: precomputed activations, either one mapping ``{kernel path: array}`` (one
-  batch) or an iterable of such mappings (one per batch). Each array is ``(N, fan_in)``;
+  batch) or an iterable of such mappings (one per batch). Each array is ``(N, fan_in)``,
+  the fan-in axes flattened in the kernel's own order (the rows of its matrix view);
   arrays with more axes are flattened to rows over all but the last axis, as PEFT does
   (``(batch, seq, fan_in)`` becomes ``(batch·seq, fan_in)``).
 * ``fn`` and ``batches``: ``fn(params, batch)`` is run once per batch and the input of
@@ -20,19 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import jax.numpy as jnp
 
 from jlora import paths as paths_lib
-
-
-def _collector():
-    import jlora
-
-    fn = getattr(jlora, "collect_inputs", None)
-    if fn is None:
-        raise ValueError(
-            "`fn=`/`batches=` need jlora.collect_inputs, which this build of jlora does not "
-            "have: pass the layer inputs yourself as `inputs={path: (N, fan_in) array}` "
-            "(or an iterable of such mappings, one per batch)."
-        )
-    return fn
+from jlora.transform import collect_inputs
 
 
 def fan_in_sizes(planned: Mapping[str, dict]) -> dict[str, int]:
@@ -61,9 +50,8 @@ def input_batches(
             raise TypeError(
                 f"`fn` must be callable as fn(params, batch), got {type(fn).__name__}."
             )
-        collect = _collector()
         # Plan entries carry each kernel's layout, so configured layouts are respected.
-        raw = (collect(fn, params, dict(planned), batch) for batch in batches)
+        raw = (collect_inputs(fn, params, dict(planned), batch) for batch in batches)
     elif isinstance(inputs, Mapping):
         raw = iter([inputs])
     elif isinstance(inputs, Iterable) and not isinstance(inputs, str):

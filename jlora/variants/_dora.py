@@ -4,7 +4,9 @@ DoRA (Liu et al. 2024, arXiv 2402.09353) splits each adapted kernel into a direc
 and a magnitude: ``W' = m · (W + s·A@B) / ‖W + s·A@B‖``, the norm taken over the fan-in
 axes, one value per output feature (PEFT's ``dim=1`` norm of the ``(out, in)`` torch
 weight; for a conv its ``(in, *window)`` axes; for an embedding its vocabulary axis).
-Stacked kernels get one magnitude vector per layer: ``(*stacked, *fan_out)``.
+Stacked kernels get one magnitude vector per layer: ``(*stacked, *fan_out)``, whatever
+the order of the kernel's axes. Every norm is taken on the kernel's matrix view
+(:meth:`jlora.layouts.Layout.to_matrix`).
 
 As in PEFT (and section 4.3 of the paper), the norm is treated as a constant in the
 backward pass: gradients reach ``m``, ``A`` and ``B`` through the numerator only.
@@ -12,17 +14,33 @@ backward pass: gradients reach ``m``, ``A`` and ``B`` through the numerator only
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-from jlora import paths as paths_lib
-from jlora.adapter import Adapter, Adapters
+from jlora._variant import Variant, register_variant
+from jlora.adapter import Adapter
+from jlora.layouts import Layout
 
-__all__ = ["dora_merged_kernel", "dora_norm", "init_dora_magnitudes"]
+__all__ = ["DoRA", "dora_merged_kernel", "dora_norm"]
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+def _magnitude_shape(layout: Layout, kernel_shape) -> tuple[int, ...]:
+    """``(*stacked, *fan_out)``: one magnitude per output feature of each stacked kernel."""
+    stacked, _, fan_out = layout.split_shape(kernel_shape)
+    return (*stacked, *fan_out)
+
+
+def _per_output(x2: jax.Array, layout: Layout, kernel_shape) -> jax.Array:
+    """``(*stacked, prod(fan_out))`` (or with a unit fan-in axis) to the magnitude's shape."""
+    return x2.reshape(_magnitude_shape(layout, kernel_shape))
+
+
+def _magnitude(adapter: Adapter) -> jax.Array:
+    # A DoRA adapter always has one (its variant's extra_shapes makes init create it).
+    assert adapter.magnitude is not None
+    return adapter.magnitude.astype(jnp.float32)
 
 
 def dora_norm(kernel: jax.Array, adapter: Adapter) -> jax.Array:
@@ -35,7 +53,8 @@ def dora_norm(kernel: jax.Array, adapter: Adapter) -> jax.Array:
     square root, as cancellation can make it a hair negative when ``W ≈ -s·A@B``.
 
     Args:
-      kernel: the frozen kernel ``(*stacked, *fan_in, *fan_out)``, any float dtype.
+      kernel: the frozen kernel, in its own axis order (``adapter.layout``), any float
+        dtype.
       adapter: its DoRA (or plain) adapter.
 
     Returns:
@@ -49,12 +68,8 @@ def dora_norm(kernel: jax.Array, adapter: Adapter) -> jax.Array:
       Array([2., 2., 2.], dtype=float32)
     """
     layout = adapter.layout
-    stacked, fan_in, fan_out = layout.split_shape(kernel.shape)
-    n_in, n_out, rank = math.prod(fan_in), math.prod(fan_out), adapter.a.shape[-1]
-    # Fan-in axes always precede fan-out axes (see jlora.layouts), so a reshape matricizes.
-    w = kernel.reshape(*stacked, n_in, n_out).astype(jnp.float32)
-    a = adapter.a.reshape(*stacked, n_in, rank).astype(jnp.float32)
-    b = adapter.b.reshape(*stacked, rank, n_out).astype(jnp.float32)
+    w = layout.to_matrix(kernel).astype(jnp.float32)
+    a, b = (x.astype(jnp.float32) for x in layout.factor_matrices(adapter.a, adapter.b))
     s = adapter.scale
     w_sq = jnp.sum(jnp.square(w), axis=-2)
     # (Wᵀ A B)_jj = Σ_k (Aᵀ W)_kj B_kj. Written as Aᵀ·W (r, out), not Wᵀ·A (out, r): same
@@ -64,11 +79,14 @@ def dora_norm(kernel: jax.Array, adapter: Adapter) -> jax.Array:
     gram = jnp.einsum("...ir,...is->...rs", a, a, precision=_HI)
     ab_sq = jnp.sum(b * jnp.matmul(gram, b, precision=_HI), axis=-2)
     sq = w_sq + (2.0 * s) * cross + (s * s) * ab_sq
-    return jnp.sqrt(jnp.maximum(sq, 0.0)).reshape(*stacked, *fan_out)
+    return _per_output(jnp.sqrt(jnp.maximum(sq, 0.0)), layout, kernel.shape)
 
 
-def _direct_norm(combined: jax.Array, adapter: Adapter) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(combined), axis=adapter.layout.fan_in_axes))
+def _merged_matrix(kernel: jax.Array, adapter: Adapter):
+    """``V = W + s·A@B`` as a float32 matrix view, and its column norms ``(*stacked, 1, out)``."""
+    layout = adapter.layout
+    v = layout.to_matrix(kernel.astype(jnp.float32) + adapter.delta())
+    return v, jnp.sqrt(jnp.sum(jnp.square(v), axis=-2, keepdims=True))
 
 
 def dora_merged_kernel(kernel: jax.Array, adapter: Adapter) -> jax.Array:
@@ -85,32 +103,59 @@ def dora_merged_kernel(kernel: jax.Array, adapter: Adapter) -> jax.Array:
       >>> bool(jnp.allclose(dora_merged_kernel(p["k"], ads["k"]), p["k"]))  # m = ‖W‖ at init
       True
     """
-    combined = kernel.astype(jnp.float32) + adapter.delta()
-    norm = jax.lax.stop_gradient(_direct_norm(combined, adapter))
-    factor = adapter.magnitude.astype(jnp.float32) / norm
-    return (combined * jnp.expand_dims(factor, adapter.layout.fan_in_axes)).astype(kernel.dtype)
+    layout = adapter.layout
+    v, norm = _merged_matrix(kernel, adapter)
+    m = _magnitude(adapter).reshape(norm.shape)
+    merged = v * (m / jax.lax.stop_gradient(norm))
+    return layout.from_matrix(merged, kernel.shape).astype(kernel.dtype)
 
 
-def init_dora_magnitudes(params, adapters: Adapters) -> Adapters:
-    """Set each DoRA adapter's magnitude to ``‖W + s·A@B‖`` (so the model starts unchanged).
-
-    Computed from the merged kernel directly (the most accurate form, once per run).
-    Inits that rewrite the base (PiSSA, OLoRA, CorDA) call this with the *new* base, so
-    the magnitude is the norm of the original kernel, as in PEFT.
+class DoRA(Variant):
+    """DoRA behind the variant interface (see the module docstring).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
       >>> p = {"k": jnp.ones((4, 3))}
-      >>> ads = jlora.init(jax.random.key(0), p,
-      ...                  jlora.LoraConfig(rank=1, targets="k", variant="dora"))
-      >>> ads["k"].magnitude
-      Array([2., 2., 2.], dtype=float32)
+      >>> ad = jlora.init(jax.random.key(0), p,
+      ...                 jlora.LoraConfig(rank=1, targets="k", variant="dora"))["k"]
+      >>> DoRA().output_factor(p["k"], ad)   # m / ‖W‖ = 1 at init
+      Array([1., 1., 1.], dtype=float32)
     """
-    flat = paths_lib.select(params, ".*", allow_empty=True)
-    out = dict(adapters)
-    for path, adapter in adapters.items():
-        if adapter.variant == "dora":
-            combined = flat[path].astype(jnp.float32) + adapter.delta()
-            norm = _direct_norm(combined, adapter).astype(adapter.a.dtype)
-            out[path] = adapter.replace(magnitude=norm)
-    return out
+
+    name = "dora"
+    title = "DoRA"
+    merge_needs_whole_fan_in = True
+    rescales_output = True
+    unmerge_refusal = (
+        "the merged kernel m·V/‖V‖ no longer holds ‖V‖. Keep the original params to undo a "
+        "DoRA merge."
+    )
+
+    def extra_shapes(self, layout: Layout, kernel_shape) -> dict:
+        return {"magnitude": _magnitude_shape(layout, kernel_shape)}
+
+    def init(self, kernel: jax.Array, adapter: Adapter) -> Adapter:
+        # From the merged kernel directly: the most accurate form, computed once per run.
+        _, norm = _merged_matrix(kernel, adapter)
+        magnitude = _per_output(norm, adapter.layout, kernel.shape).astype(adapter.a.dtype)
+        return adapter.replace(magnitude=magnitude)
+
+    def merge(self, kernel: jax.Array, adapter: Adapter) -> jax.Array:
+        return dora_merged_kernel(kernel, adapter)
+
+    def output_factor(self, kernel: jax.Array, adapter: Adapter) -> jax.Array:
+        norm = jax.lax.stop_gradient(dora_norm(kernel, adapter))
+        return _magnitude(adapter) / norm
+
+    def combine(self, base, branch, factor, dropped):
+        # PEFT feeds the dropped input x_d to the whole adapter delta x_d·(W' - W):
+        # base + (factor - 1)·x_d·W + factor·branch, i.e. factor·(base + branch) when x_d = x.
+        assert factor is not None  # output_factor always gives DoRA's
+        branch = branch.astype(base.dtype)
+        factor = factor.astype(base.dtype)
+        if dropped is None:
+            return (factor * (base + branch)).astype(base.dtype)
+        return (base + (factor - 1) * dropped + factor * branch).astype(base.dtype)
+
+
+register_variant(DoRA())

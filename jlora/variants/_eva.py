@@ -39,7 +39,7 @@ import numpy as np
 from jlora import scaling as scaling_lib
 from jlora.adapter import Adapters
 from jlora.config import LoraConfig
-from jlora.initializers import kernel_key, plan
+from jlora.initializers import init_variant_arrays, kernel_key, plan
 from jlora.variants._common import (
     check_config,
     check_layouts,
@@ -292,10 +292,6 @@ def eva_init(
         alpha = entry["alpha"]
         if rank != entry["rank"] and adjust_scaling_factors:
             alpha = alpha * rank / entry["rank"]
-        scale = scaling_lib.compute_scale(config.scaling, rank, alpha, path=path)
+        scale = scaling_lib.compute_scale(config._policy, rank, alpha, path=path)
         adapters[path] = make_adapter(a, b, entry, config, rank=rank, alpha=alpha, scale=scale)
-    if config.variant == "dora":
-        from jlora.variants._dora import init_dora_magnitudes
-
-        adapters = init_dora_magnitudes(params, adapters)
-    return adapters
+    return init_variant_arrays(params, adapters)

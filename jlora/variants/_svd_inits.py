@@ -1,4 +1,4 @@
-"""Inits from the kernel itself: PiSSA and OLoRA (which rewrite the base) and orthogonal.
+"""Inits from the kernel itself, which rewrite the base: PiSSA and OLoRA.
 
 * **PiSSA** (Meng et al. 2024, arXiv 2404.02948): ``A``, ``B`` from the top-r singular
   triplets of ``W``, each factor carrying ``sqrt(S_r / s)``, so ``s·A@B`` is exactly the
@@ -7,30 +7,28 @@
 * **OLoRA** (Büyükakyüz 2024, arXiv 2406.01775): ``A = R_rᵀ``, ``B = Q_rᵀ`` from the QR
   of the ``(out, in)`` weight, unscaled as in PEFT, so ``s·A@B = s·Q_r R_r``; the base
   becomes ``W - s·Q_r R_r``.
-* **orthogonal**: ``A`` and ``B`` non-zero with ``A@B = 0``: rows of one random
-  orthogonal ``r×r`` matrix, odd rows for ``A``, even rows for ``B``. Needs no base change,
-  so it runs inside :func:`jlora.init`.
+
+Both work on the kernel's matrix view, so the kernel's axes may come in any order.
+(The orthogonal init needs no base change: it runs inside :func:`jlora.init`, see
+:func:`jlora.initializers.orthogonal_factors`.)
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraConfig
-from jlora.layouts import Layout
 from jlora.variants._common import (
     base_changing_init,
     check_config,
-    matmul,
     randomized_svd,
     swap,
 )
 
-__all__ = ["olora_init", "orthogonal_factors", "pissa_init"]
+__all__ = ["olora_init", "pissa_init"]
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "scale", "niter"))
@@ -119,46 +117,3 @@ def olora_init(key: jax.Array, params, config: LoraConfig):
     check_config(config, "olora")
     return base_changing_init(key, params, config,
                               lambda k, p, e, w2: _olora_factors(w2, rank=e["rank"]))
-
-
-def orthogonal_factors(key: jax.Array, shape, layout: Layout, rank: int, dtype=jnp.float32):
-    """PEFT's ``init_lora_weights="orthogonal"``: non-zero ``A``, ``B`` with ``A@B = 0``.
-
-    With ``Q`` a random orthogonal ``r×r`` matrix, ``A = G₁ Q[0::2] / 10`` and
-    ``B = Q[1::2]ᵀ G₂ / 10`` (``G`` standard normal), so ``A@B = G₁ Q[0::2] Q[1::2]ᵀ G₂/100
-    = 0``: the model starts unchanged while both factors get gradients from the first
-    step. The scale does not enter. The rank must be even. Used by :func:`jlora.init`
-    for ``LoraConfig(init="orthogonal")``.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jlora.layouts import Layout
-      >>> a, b = orthogonal_factors(jax.random.key(0), (6, 5), Layout("io"), rank=2)
-      >>> a.shape, b.shape, bool(jnp.abs(a @ b).max() < 1e-6)
-      ((6, 2), (2, 5), True)
-    """
-    if rank % 2:
-        raise ValueError(
-            f"`init='orthogonal'` needs an even rank (half the rows of an orthogonal matrix "
-            f"go to A, half to B), got rank={rank} for a kernel of shape {tuple(shape)}."
-        )
-    return _orthogonal(key, tuple(shape), layout, rank, jnp.dtype(dtype))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _orthogonal(key, shape, layout: Layout, rank: int, dtype):
-    stacked, fan_in, fan_out = layout.split_shape(shape)
-    n_in, n_out = math.prod(fan_in), math.prod(fan_out)
-    half = rank // 2
-    # One draw sliced three ways: independent normals, and one RNG kernel to compile, not three.
-    sizes = (rank * rank, n_in * half, half * n_out)
-    z = jax.random.normal(key, (*stacked, sum(sizes)), jnp.float32)
-    x, g1, g2 = jnp.split(z, (sizes[0], sizes[0] + sizes[1]), axis=-1)
-    q, _ = jnp.linalg.qr(x.reshape(*stacked, rank, rank))
-    q_odd, q_even = q[..., 0::2, :], q[..., 1::2, :]
-    a2 = matmul(g1.reshape(*stacked, n_in, half), q_odd) / 10.0
-    b2 = matmul(swap(q_even), g2.reshape(*stacked, half, n_out)) / 10.0
-    return (
-        a2.reshape(*stacked, *fan_in, rank).astype(dtype),
-        b2.reshape(*stacked, rank, *fan_out).astype(dtype),
-    )

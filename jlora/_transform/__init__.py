@@ -1,0 +1,28 @@
+"""The factored transform's machinery (private; the public names are in ``jlora.transform``).
+
+==================  ====================================================================
+``factored.py``     the factored value (``Factored``, ``Meta``) and its carried arrays
+``interpreter.py``  the evaluation loop, the rule registry, ``Run`` (per-call state)
+``moves.py``        transpose, reshape, broadcast, slices, rev, casts, identities
+``dot.py``          ``dot_general``: a plan, then an emitter (custom VJP or einsums)
+``fusion.py``       shared-input fusion of dots (an emitter of ``dot.py``)
+``consumers.py``    ``conv_general_dilated`` and embedding ``gather``
+``control_flow.py`` jit, closed_call, checkpoint, scan, while, cond, custom derivatives
+``quantized.py``    quantized kernels: ``dequantize`` and dequantization at the consumer
+``dropout.py``      PEFT's lora_dropout on the adapter branch
+``collect.py``      input collection for ``jlora.collect_inputs``
+``entry.py``        the factored value each kernel enters as
+``tracing.py``      tracing ``fn`` once per input signature
+``api.py``          ``lora``, ``lora_report``, ``collect_inputs``
+==================  ====================================================================
+
+See ``docs/architecture.md`` ("The factored transform") for how a call flows.
+"""
+
+# Rules register themselves on import; the loop finds them in interpreter.RULES.
+from jlora._transform import consumers as consumers
+from jlora._transform import control_flow as control_flow
+from jlora._transform import dot as dot
+from jlora._transform import fusion as fusion
+from jlora._transform import moves as moves
+from jlora._transform import quantized as quantized

@@ -1,0 +1,54 @@
+"""How a kernel enters the interpreter: its factored value, from its adapter and layout.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jlora
+  >>> from jlora._transform.interpreter import Run
+  >>> params = {"w": jnp.ones((2, 4, 3))}
+  >>> ad = jlora.init(jax.random.key(0), params,
+  ...                 jlora.LoraConfig(rank=2, targets="w", layouts={"w": "sio"}))["w"]
+  >>> fv = enter_kernel("w", params["w"], ad, ad.layout, Run())
+  >>> fv.roles, fv.a.shape, fv.b.shape
+  ('sio', (2, 4, 2), (2, 2, 3))
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jlora._transform.factored import Factored, Meta, dense
+from jlora.adapter import Adapter
+from jlora.layouts import Layout
+
+
+def enter_kernel(path: str, w, adapter: Adapter | None, layout: Layout, run) -> Factored:
+    """The factored value a kernel ``w`` (an array or a quantized kernel) enters as.
+
+    Without an adapter (:func:`jlora.collect_inputs`) it carries no factors, only
+    ``index``, where each fan-in entry went.
+    """
+    stacked = layout.split_shape(w.shape)[0]  # wherever the stacked axes are in W
+    if adapter is None:
+        fan_in = [w.shape[k] for k in layout.fan_in_axes]
+        index = jnp.arange(math.prod(fan_in), dtype=jnp.int32).reshape(fan_in)
+        index = jnp.broadcast_to(index, stacked + tuple(fan_in))
+        meta = Meta(path, layout.axes, w.dtype, 1.0)
+        return Factored(w, None, None, None, None, index, meta=meta)
+    m = None
+    if adapter.variant == "dora":
+        if adapter.magnitude is None:
+            raise ValueError(
+                f"The DoRA adapter at path {path!r} has no magnitude: create it with "
+                "jlora.init(..., LoraConfig(variant='dora')) so the magnitude is initialised."
+            )
+        from jlora import variants  # DoRA's norm lives with the other variant code
+
+        norm = variants.dora_norm(dense(w), adapter)
+        m = adapter.magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+    # PEFT's Embedding LoRA has no dropout: its inputs are ids, not activations.
+    rate = float(adapter.dropout) if layout.kind != "embed" else 0.0
+    keys = run.dropout.enter(path, rate, stacked)
+    meta = Meta(path, layout.axes, w.dtype, float(adapter.scale))
+    return Factored(w, adapter.a, adapter.b, m, keys, None, meta=meta)

@@ -1,0 +1,283 @@
+"""Quantized kernels (``jlora.quantization``): dequantized only where they are consumed.
+
+A quantized kernel in ``params`` enters the interpreter as one :class:`Part` per array
+(its path, field and the kernel's factors); ``carry`` rules (``jit``, ``scan``,
+``checkpoint``, ``cond``, ``while``) take parts like any factored value, so ``scan``
+slices the quantized arrays with ``A`` and ``B``. The model's
+:func:`jlora.quantization.dequantize` is its own primitive, ``dequantize_p``: its rule
+(:func:`rule_dequantize`) turns the parts into one factored value whose W is the
+:class:`~jlora.quantization.QuantizedKernel` itself (a *lazy* W). Then, by the kind of
+the rule an equation reaches (see ``interpreter.KINDS``), :func:`quantized_operands`:
+
+* keeps a lazy W for ``consumer`` rules (dequantized inside ``jax.checkpoint`` by
+  ``bind_with_kernel``), ``recast`` (a cast) and ``identity`` rules;
+* moves the quantized arrays (of a part, or of a lazy W) with the kernel for a slice,
+  dynamic slice or squeeze of stacked axes only (a layer out of a stack) and for a
+  transpose that moves only stacked axes (``nn.scan`` over a layer axis that is not
+  the first), wherever the stacked axes are (:data:`STACKED_MOVES`): every array of a
+  quantized kernel has the kernel's axes, the stacked ones at the kernel's positions,
+  so the same move applies to each, and only one layer is ever dequantized;
+* gives every other rule the float kernel, and a part reaching anything but a ``carry``
+  rule its raw array (an error for an adapted kernel: the adapter could not be applied).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jlora import _jax_compat as jc
+from jlora import quantization as quant_lib
+from jlora._transform import moves
+from jlora._transform.entry import enter_kernel
+from jlora._transform.factored import Factored, Meta, Unsupported, positions
+from jlora._transform.interpreter import describe, operand_hook, register
+
+
+@dataclasses.dataclass(frozen=True)
+class PartMeta(Meta):
+    field: str = ""  # which array of the QuantizedKernel ("values", "scales", ...)
+    layer_shape: tuple = ()  # QuantizedKernel.layer_shape: one layer of the kernel
+
+
+@jax.tree_util.register_pytree_node_class
+class Part(Factored):
+    """One array of a quantized kernel (W), with the kernel's factors and roles.
+
+    The array has the kernel's number of axes, its stacked axes where ``roles`` has them.
+    """
+
+    @classmethod
+    def of(cls, kernel: Factored, array, part: tuple) -> Part:
+        field, _ = part  # (field, statics); the kernel's W is the QuantizedKernel itself
+        known = {f.name: getattr(kernel.meta, f.name) for f in dataclasses.fields(Meta)}
+        meta = PartMeta(**known, field=field, layer_shape=kernel.w.layer_shape)
+        return cls(array, kernel.a, kernel.b, kernel.m, kernel.keys, kernel.index, meta=meta)
+
+    def materialise(self, run, reason: str):
+        """The raw array, where the program uses it as such (never for an adapted kernel)."""
+        if self.adapted:
+            where = reason.removeprefix("materialised: ")
+            raise ValueError(
+                f"jlora.lora: the adapted quantized kernel at path {self.meta.path!r} is used "
+                f"as its raw `{self.meta.field}` array ({where}), so the adapter cannot be "
+                "applied. Read quantized kernels only through "
+                "jlora.quantization.dequantize(kernel) and use the float kernel it returns."
+            )
+        return self.w
+
+
+def _quantized(x) -> bool:
+    return isinstance(x, Part) or (isinstance(x, Factored) and x.lazy)
+
+
+def _stacked_positions(roles: str) -> tuple[int, ...]:
+    return tuple(k for k, r in enumerate(roles) if r == "s")
+
+
+def _restacked(qk: quant_lib.QuantizedKernel, roles: str) -> quant_lib.QuantizedKernel:
+    """``qk`` with its stacked axes where ``roles`` has them (its arrays already are)."""
+    return dataclasses.replace(qk, stacked_axes=_stacked_positions(roles))
+
+
+@register(quant_lib.dequantize_p, kind="carry")
+def rule_dequantize(interp, eqn, invals):
+    """The model's ``dequantize(kernel)``: one factored value whose W stays quantized."""
+    first = invals[0]
+    if not all(isinstance(x, Part) and x.meta.path == first.meta.path
+               and x.roles == first.roles for x in invals):
+        reason = f"its arrays reach {describe(eqn)} mixed with other arrays"
+        return jc.bind_eqn(eqn, interp.materialise_all(invals, reason))
+    # The program's own statics describe these arrays (the parts went through the same
+    # moves as the program's arrays); the parts' roles must agree on the stacked axes.
+    qk = quant_lib.QuantizedKernel.from_fields(
+        eqn.params["statics"], dict(zip(eqn.params["fields"], (x.w for x in invals), strict=True))
+    )
+    if qk.kernel_layout.stacked_axes != _stacked_positions(first.roles):
+        reason = (f"its arrays reach {describe(eqn)} with stacked axes at "
+                  f"{qk.kernel_layout.stacked_axes}, not where the kernel has them "
+                  f"({first.roles!r})")
+        return jc.bind_eqn(eqn, interp.materialise_all(invals, reason))
+    meta = Meta(first.meta.path, first.roles, eqn.outvars[0].aval.dtype, first.meta.scale)
+    w = _restacked(qk, first.roles)
+    return [Factored(w, first.a, first.b, first.m, first.keys, first.index, meta=meta)]
+
+
+@operand_hook
+def quantized_operands(interp, eqn, rule, invals):
+    """Quantized operands of ``eqn`` kept, moved or settled as the rule's kind needs."""
+    if not any(map(_quantized, invals)):
+        return None, invals
+    kind = "array" if rule is None else rule.kind
+    if kind == "carry":
+        return None, invals
+    move = STACKED_MOVES.get(eqn.primitive)
+    if move is not None and isinstance(invals[0], Factored):
+        out = _stacked_move(move, eqn, invals)
+        if out is not None:
+            return out, invals
+    if kind == "identity" and isinstance(invals[0], Factored) and invals[0].lazy:
+        return [invals[0]], invals
+    settled = []
+    for x in invals:
+        if isinstance(x, Part):
+            x = x.materialise(interp.run, f"it reaches {describe(eqn)}")
+        elif _quantized(x) and kind not in ("consumer", "recast"):
+            x = x.replace(x.w.dequantized())
+        settled.append(x)
+    return None, settled
+
+
+# Moves of stacked axes only, done on the quantized arrays (wherever the current view has
+# its stacked axes): move(eqn, rest, stacked, operand, kernel, shim) -> (array move, view
+# of the kernel), or None where the move touches more than the stacked axes. ``stacked``:
+# the stacked positions; ``operand``: the shape the equation sees (the kernel view, or a
+# part's own array); ``kernel``: the kernel view's shape; ``shim``: the factored value with
+# a W of that shape, for the moves of ``moves.py``.
+STACKED_MOVES: dict = {}
+
+
+def _stacked(*primitives):
+    def decorate(fn):
+        for p in primitives:
+            STACKED_MOVES[p] = fn
+        return fn
+
+    return decorate
+
+
+def _kernel_shape(fv: Factored, stacked: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the kernel view ``fv`` holds (a part's array only has its stacked axes;
+    its layer shape comes from the kernel's, in order since only stacked axes ever move)."""
+    if fv.lazy:
+        return tuple(fv.w.shape)
+    layer = iter(fv.meta.layer_shape)
+    return tuple(fv.w.shape[k] if k in stacked else next(layer) for k in range(len(fv.roles)))
+
+
+def _stacked_move(move, eqn, invals) -> list | None:
+    fv, *rest = invals
+    if not _quantized(fv) or any(isinstance(x, Factored) for x in rest):
+        return None
+    stacked = _stacked_positions(fv.roles)
+    operand = tuple(eqn.invars[0].aval.shape)
+    kernel = _kernel_shape(fv, stacked)
+    shim = fv.replace(jax.ShapeDtypeStruct(kernel, fv.meta.dtype))
+    try:
+        found = move(eqn, rest, stacked, operand, kernel, shim)
+        if found is None:
+            return None
+        array_move, view = found
+        out = view(w=jax.tree.map(array_move, fv.w))
+    except Unsupported:
+        return None
+    return [out.replace(_restacked(out.w, out.roles)) if out.lazy else out]
+
+
+def _full_except(stacked, values, fill):
+    """``values`` on the stacked axes, ``fill(k)`` on every other axis ``k``."""
+    return [values[k] if k in stacked else fill(k) for k in range(len(values))]
+
+
+def _squeezed(fv: Factored, w, dims) -> Factored:
+    """The view without the stacked axes ``dims`` (of size 1)."""
+    carried = {field: jax.lax.squeeze(arr, [positions(fv.roles, field)[d] for d in dims])
+               for field, arr in fv.carried().items()}
+    roles = "".join(r for k, r in enumerate(fv.roles) if k not in dims)
+    return fv.replace(w, roles=roles, **carried)
+
+
+@_stacked(jc.squeeze_p)
+def _squeeze(eqn, rest, stacked, operand, kernel, shim):
+    dims = tuple(d % len(operand) for d in eqn.params["dimensions"])
+    if not set(dims) <= set(stacked):
+        return None
+    return (lambda arr: jax.lax.squeeze(arr, dims)), functools.partial(_squeezed, shim,
+                                                                        dims=dims)
+
+
+@_stacked(jc.slice_p)
+def _slice(eqn, rest, stacked, operand, kernel, shim):
+    p = eqn.params
+    start, limit = p["start_indices"], p["limit_indices"]
+    strides = p["strides"] or (1,) * len(start)
+    if any((start[k], limit[k], strides[k]) != (0, operand[k], 1)
+           for k in range(len(operand)) if k not in stacked):
+        return None
+    zeros, ones = (lambda k: 0), (lambda k: 1)
+
+    def array_move(arr):
+        return jax.lax.slice(arr, _full_except(stacked, start, zeros),
+                             _full_except(stacked, limit, lambda k: arr.shape[k]),
+                             _full_except(stacked, strides, ones))
+
+    return array_move, functools.partial(
+        moves.move_slice, shim, start=_full_except(stacked, start, zeros),
+        limit=_full_except(stacked, limit, kernel.__getitem__),
+        strides=_full_except(stacked, strides, ones),
+    )
+
+
+@_stacked(jc.dynamic_slice_p)
+def _dynamic_slice(eqn, rest, stacked, operand, kernel, shim):
+    sizes = eqn.params["slice_sizes"]
+    if len(rest) != len(operand) or any(sizes[k] != operand[k] for k in range(len(operand))
+                                        if k not in stacked):
+        return None
+    zero = jnp.zeros((), jnp.asarray(rest[0]).dtype)
+    starts = _full_except(stacked, rest, lambda k: zero)
+
+    def array_move(arr):
+        return jax.lax.dynamic_slice(arr, starts,
+                                     _full_except(stacked, sizes, lambda k: arr.shape[k]))
+
+    return array_move, functools.partial(
+        moves.move_dynamic_slice, shim, starts=starts,
+        sizes=_full_except(stacked, sizes, kernel.__getitem__),
+    )
+
+
+@_stacked(jc.transpose_p)
+def _transpose(eqn, rest, stacked, operand, kernel, shim):
+    perm = tuple(eqn.params["permutation"])
+    kept = [k for k in perm if k not in stacked]
+    if kept != sorted(kept):  # the layer's own axes keep their order, or it is no move
+        return None
+    return (lambda arr: jnp.transpose(arr, perm)), functools.partial(
+        moves.move_transpose, shim, perm=perm)
+
+
+def enter_kernels(traced, values, adapters, run, layouts) -> dict:
+    """``{path: factored value}`` of each quantized kernel in params (W still quantized);
+    its arrays then enter as :class:`Part` s of it (``Part.of``). Kernels without adapters
+    enter too, so that they are also dequantized only where they are consumed."""
+    arrays, statics = collections.defaultdict(dict), {}
+    for x, path, part in zip(values, traced.param_paths, traced.param_parts, strict=True):
+        if part is not None:
+            arrays[path][part[0]] = x
+            statics[path] = part[1]
+    out = {}
+    for path, fields in arrays.items():
+        qk = quant_lib.QuantizedKernel.from_fields(statics[path], fields)
+        stored = qk.kernel_layout
+        layout = adapters[path].layout if path in adapters else (layouts or {}).get(path)
+        if layout is not None and layout.stacked_axes != stored.stacked_axes:
+            raise ValueError(
+                f"The quantized kernel at path {path!r} was quantized with layout "
+                f"{stored.axes!r} (stacked axes at {stored.stacked_axes}) but its layout "
+                f"here is {layout.axes!r} (stacked axes at {layout.stacked_axes}): quantize "
+                f"it with layout={layout.axes!r} so that every layer has its own scales, or "
+                f"give its adapter the layout the kernel was quantized with."
+            )
+        if path in adapters:
+            out[path] = enter_kernel(path, qk, adapters[path], layout, run)
+        elif layout is not None:
+            out[path] = enter_kernel(path, qk, None, layout, run)
+        else:
+            meta = Meta(path, stored.axes, qk.dtype, 1.0)
+            out[path] = Factored(qk, None, None, None, None, None, meta=meta)
+    return out

@@ -18,7 +18,9 @@ from jlora import quantization as quantization
 from jlora import scaling as scaling
 from jlora import sharding as sharding
 from jlora import variants as variants
+from jlora._layout_inference import LayoutInferenceWarning as LayoutInferenceWarning
 from jlora._layout_inference import infer_layouts as infer_layouts
+from jlora._version import __version__ as __version__
 from jlora.adapter import Adapter as Adapter
 from jlora.adapter import is_adapter as is_adapter
 from jlora.config import LoraConfig as LoraConfig
@@ -48,4 +50,3 @@ from jlora.transform import collect_inputs as collect_inputs
 from jlora.transform import lora as lora
 from jlora.transform import lora_report as lora_report
 
-__version__ = "0.1.0"

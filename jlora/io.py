@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
+from jlora._version import __version__
 from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.files import AdapterFormatError as AdapterFormatError
 from jlora.files import (
@@ -68,7 +69,9 @@ from jlora.files import (
 from jlora.files import read_safetensors as read_safetensors
 from jlora.files import write_bytes_atomic as write_bytes_atomic
 from jlora.files import write_safetensors as write_safetensors
+from jlora.initializers import check_kernel_leaf
 from jlora.layouts import Layout, LayoutError
+from jlora.merging import check_adapters_fit
 
 # AdapterFormatError and the file helpers live in jlora.files; jlora.io re-exports them
 # (their first home, where users and examples call them).
@@ -106,9 +109,7 @@ CUSTOM_NOTE = (
 
 
 def _version() -> str:
-    import jlora  # the package imports this module: look the version up lazily.
-
-    return jlora.__version__
+    return __version__
 
 
 def _tensor_entry(x) -> dict:
@@ -425,9 +426,6 @@ def _check_weights_entry(meta: Mapping, where: str) -> dict:
 
 
 def _check_params(params, adapters: Adapters) -> None:
-    from jlora.initializers import check_kernel_leaf
-    from jlora.merging import check_adapters_fit
-
     flat = check_adapters_fit(params, adapters)  # missing paths and shape mismatches
     for path in adapters:
         check_kernel_leaf(path, flat[path], field="the saved adapter")

@@ -127,6 +127,9 @@ def _updated_in_slices(kernel: jax.Array, adapter: Adapter, sign: float) -> jax.
         counts.append(shape[block[0]] // block[1])
     if math.prod(counts) == 1:
         return _updated_kernel(kernel, adapter, sign)
+    # Anything that reads as an array (a quantized kernel: its dequantized values) is
+    # sliced as that array; for an array this is a no-op, so donation still applies.
+    kernel = kernel.astype(kernel.dtype)
     ns, cut = lay.num_stacked, [*walked, *([block[0]] if block else [])]
     # Where each kernel axis sits in A (*stacked, *fan_in, r), B (*stacked, r, *fan_out)
     # and the magnitude (*stacked, *fan_out).

@@ -94,6 +94,7 @@ import numpy as np
 
 from jlora import paths as paths_lib
 from jlora import scaling as scaling_lib
+from jlora._version import __version__
 from jlora.adapter import Adapter, Adapters, check_adapters
 from jlora.config import LoraConfig
 from jlora.files import (
@@ -725,8 +726,6 @@ def export(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    from jlora import __version__
-
     metadata = {"format": "pt"}  # what PEFT writes; PEFT ignores other entries
     if extra:
         metadata[_METADATA_KEY] = json.dumps({"version": __version__, "modules": extra})

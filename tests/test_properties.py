@@ -51,7 +51,12 @@ class Case:
 
     @property
     def scale(self):
-        return jlora.scaling.get(self.policy)(self.rank, self.alpha)
+        """alpha / r, alpha / sqrt(r) (rsLoRA) or the custom policy's value."""
+        if self.policy == "standard":
+            return self.alpha / self.rank
+        if self.policy == "rslora":
+            return self.alpha / math.sqrt(self.rank)
+        return self.policy(self.rank, self.alpha)
 
 
 @st.composite
@@ -86,6 +91,7 @@ EXAMPLES = [Case("soiww", (2, 3, 2, 2, 2), 2, 3.0, "rslora", "dora", 1),
 
 
 def with_examples(test):
+    """``test`` with every case of ``EXAMPLES`` run before the random ones."""
     for case in reversed(EXAMPLES):
         test = example(case)(test)
     return test
@@ -117,7 +123,7 @@ def random_adapter(case):
     return {"model": {"kernel": jnp.asarray(kernel)}}, {"model/kernel": ad}
 
 
-def reference_merge(case, kernel, ad):
+def reference_merge(case, kernel, ad, variant=None):
     """``W + s·A@B`` (DoRA: ``m·V/‖V‖``) in float64, through the canonical order."""
     stacked, fan_in, fan_out = case.groups
     order = stacked + fan_in + fan_out
@@ -126,7 +132,7 @@ def reference_merge(case, kernel, ad):
     a = np.asarray(ad.a, np.float64).reshape(*w.shape[:ns], -1, r)
     b = np.asarray(ad.b, np.float64).reshape(*w.shape[:ns], r, -1)
     v = w + case.scale * np.matmul(a, b).reshape(w.shape)
-    if case.variant == "dora":
+    if (variant or case.variant) == "dora":
         in_axes = tuple(range(ns, ns + len(fan_in)))
         norm = np.sqrt(np.sum(v * v, axis=in_axes, keepdims=True))
         m = np.expand_dims(np.asarray(ad.magnitude, np.float64), in_axes)
@@ -136,6 +142,7 @@ def reference_merge(case, kernel, ad):
 
 merge = jax.jit(jlora.merge)
 unmerge = jax.jit(jlora.unmerge)
+delta = jax.jit(jlora.delta)
 
 
 @with_examples
@@ -147,6 +154,9 @@ def test_merge_matches_reference_and_unmerge_round_trips(case):
     w = params["model"]["kernel"]
     merged = merge(params, adapters)["model"]["kernel"]
     np.testing.assert_allclose(merged, reference_merge(case, w, ad), rtol=1e-5, atol=1e-4)
+    want_delta = reference_merge(case, np.zeros(case.shape), ad, variant="lora")
+    np.testing.assert_allclose(delta(adapters)["model/kernel"], want_delta, rtol=1e-5,
+                               atol=1e-5)
     if case.variant == "dora":  # m·V/‖V‖ does not hold ‖V‖: refused, not guessed
         with pytest.raises(ValueError, match="Cannot unmerge the 'dora' adapter at path "
                                              "'model/kernel'"):
@@ -200,6 +210,7 @@ def _dense(case):
 
 
 def _conv(core, w, x):
+    """A same-padded convolution with the filter in its own axis order."""
     return jax.lax.conv_general_dilated(x, w, (1,) * core.count("w"), "SAME",
                                         dimension_numbers=_conv_spec(core))
 
@@ -270,13 +281,16 @@ def test_init_is_deterministic_and_independent_of_axis_order_and_unrelated_param
                                                                                    other_seed):
     """Same key, same factors: with an unrelated leaf added, and for the same kernel stored
     in canonical order (the factors' shapes do not depend on the order); DoRA's magnitude
-    is the norm of the kernel either way."""
+    is the norm of the kernel either way, and the adapted model starts as the base."""
     order, canon = canonical(case)
     w, _ = random_adapter(case)
     w = w["model"]["kernel"]
-    config = lambda axes: jlora.LoraConfig(  # noqa: E731
-        rank=case.rank, alpha=case.alpha, scaling=case.policy, targets="model/kernel",
-        variant=case.variant, layouts={"model/kernel": axes})
+
+    def config(axes):
+        return jlora.LoraConfig(rank=case.rank, alpha=case.alpha, scaling=case.policy,
+                                targets="model/kernel", variant=case.variant,
+                                layouts={"model/kernel": axes})
+
     base = init_jit(jax.random.key(case.seed), {"model": {"kernel": w}}, config(case.axes))
     extra = jax.random.normal(jax.random.key(other_seed), (3, 2))
     with_extra = init_jit(jax.random.key(case.seed), {"model": {"kernel": w, "extra": extra}},
@@ -292,9 +306,8 @@ def test_init_is_deterministic_and_independent_of_axis_order_and_unrelated_param
     if case.variant == "dora":
         np.testing.assert_allclose(transposed["model/kernel"].magnitude, ad.magnitude,
                                    rtol=1e-6)
-    if case.variant == "dora":  # the adapted model starts equal to the base model
-        merged = merge({"model": {"kernel": w}}, base)["model"]["kernel"]
-        np.testing.assert_allclose(merged, w, rtol=1e-5, atol=1e-5)
+    merged = merge({"model": {"kernel": w}}, base)["model"]["kernel"]
+    np.testing.assert_allclose(merged, w, rtol=1e-5, atol=1e-5)
 
 
 @with_examples

@@ -664,6 +664,20 @@ def test_dora_factored_equals_merged_with_grads(mlp_case, conv_embed_case, model
                                        rtol=1e-4, atol=1e-5, err_msg=f"{path}.{field}")
 
 
+def test_dora_on_a_quantized_base_factored_equals_merged():
+    """DoRA's factor follows the kernel through the model's own ``dequantize``."""
+    params = {"d": {"kernel": jlora.quantization.quantize(rand(1, (12, 10)), "int8")}}
+    config = jlora.LoraConfig(rank=2, alpha=ALPHA, targets="d/kernel", variant="dora")
+    ads = perturbed(jlora.init(jax.random.key(0), params, config), seed=90)
+    x = rand(2, (5, 12))
+
+    def fn(p, x):
+        return jnp.tanh(x @ jlora.quantization.dequantize(p["d"]["kernel"]))
+
+    want = jnp.tanh(x @ jlora.merge(params, ads)["d"]["kernel"])
+    np.testing.assert_allclose(jlora.lora(fn)(params, ads, x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_eva_and_corda_collect_inputs_from_fn(mlp_case):
     """fn + batches (inputs read off the trace by jlora.collect_inputs) == given inputs."""
     params, x, _ = mlp_case

@@ -55,7 +55,7 @@ def rule_conv(interp, eqn, invals):
         if x_in is not x:
             (dropped,) = bind_with_kernel(eqn, fv, [x_in, None], 1)
     interp.consumed(fv)
-    return [combine(base, branch, factor, dropped)]
+    return [combine(fv, base, branch, factor, dropped)]
 
 
 @register(jc.gather_p, kind="consumer")
@@ -102,4 +102,4 @@ def rule_gather(interp, eqn, invals):
         shape[out_axis] = fv.m.shape[0]
         factor = fv.m.reshape(shape)
     interp.consumed(fv)
-    return [combine(base, branch, factor, None)]
+    return [combine(fv, base, branch, factor, None)]

@@ -173,7 +173,7 @@ def emit_einsum(interp, plan: DotPlan, x_in) -> list:
         if x_in is not x:
             (dropped,) = plan.base(x_in)
     interp.consumed(fv)
-    return [combine(base, branch, factor, dropped)]
+    return [combine(fv, base, branch, factor, dropped)]
 
 
 @register(jc.dot_general_p, kind="consumer")

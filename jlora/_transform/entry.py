@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from jlora._transform.factored import Factored, Meta, dense
+from jlora._variant import get_variant
 from jlora.adapter import Adapter
 from jlora.layouts import Layout
 
@@ -36,19 +36,13 @@ def enter_kernel(path: str, w, adapter: Adapter | None, layout: Layout, run) -> 
         index = jnp.broadcast_to(index, stacked + tuple(fan_in))
         meta = Meta(path, layout.axes, w.dtype, 1.0)
         return Factored(w, None, None, None, None, index, meta=meta)
-    m = None
-    if adapter.variant == "dora":
-        if adapter.magnitude is None:
-            raise ValueError(
-                f"The DoRA adapter at path {path!r} has no magnitude: create it with "
-                "jlora.init(..., LoraConfig(variant='dora')) so the magnitude is initialised."
-            )
-        from jlora import variants  # DoRA's norm lives with the other variant code
-
-        norm = variants.dora_norm(dense(w), adapter)
-        m = adapter.magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+    variant = get_variant(adapter.variant)
+    variant.check(adapter, path)  # e.g. a DoRA adapter without its magnitude
+    # The per-output factor of a variant that rescales its output (DoRA's m / ||W'||),
+    # carried as `m` through the moves like the factors.
+    m = variant.output_factor(dense(w), adapter) if variant.rescales_output else None
     # PEFT's Embedding LoRA has no dropout: its inputs are ids, not activations.
     rate = float(adapter.dropout) if layout.kind != "embed" else 0.0
     keys = run.dropout.enter(path, rate, stacked)
-    meta = Meta(path, layout.axes, w.dtype, float(adapter.scale))
+    meta = Meta(path, layout.axes, w.dtype, float(adapter.scale), adapter.variant)
     return Factored(w, adapter.a, adapter.b, m, keys, None, meta=meta)

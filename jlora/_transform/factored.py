@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jlora import _jax_compat as jc
 from jlora import quantization as quant_lib
+from jlora._variant import get_variant
 
 CATEGORY = {"s": "s", "w": "i", "i": "i", "v": "i", "o": "o", "f": "o"}
 FIELDS = {"a": "sir", "b": "sro", "m": "so", "keys": "s", "index": "si"}
@@ -51,6 +52,7 @@ class Meta:
     roles: str  # one layout letter per axis of the current view of W
     dtype: Any  # the dtype the program sees; W itself stays in its parameter dtype
     scale: float
+    variant: str = "lora"  # the adapter's jlora._variant.Variant, which combines outputs
 
 
 @jax.tree_util.register_pytree_node_class
@@ -198,18 +200,10 @@ def bind_with_kernel(eqn, fv: Factored, ops: list, k: int) -> list:
     return jax.checkpoint(product)(fv.w, *others)
 
 
-def combine(base, branch, factor, dropped):
-    """A consumer's output from ``base`` (with W) and ``branch`` (the scaled A·B path).
-
-    LoRA: ``base + branch``. DoRA, with ``factor = m / stop_gradient(‖W + s·A·B‖)``:
-    ``factor · (base + branch)``; with dropout active, PEFT feeds the dropped input ``x_d``
-    to the whole adapter delta ``x_d·(W' - W)``, i.e. ``base + (factor - 1)·dropped +
-    factor·branch`` with ``dropped = x_d·W`` (the same as above when ``x_d = x``).
-    """
-    branch = branch.astype(base.dtype)
-    if factor is None:
-        return base + branch
-    factor = factor.astype(base.dtype)
-    if dropped is None:
-        return (factor * (base + branch)).astype(base.dtype)
-    return (base + (factor - 1) * dropped + factor * branch).astype(base.dtype)
+def combine(fv: Factored, base, branch, factor, dropped):
+    """A consumer's output from ``base`` (with W) and ``branch`` (the scaled A·B path), as
+    ``fv``'s variant combines them: LoRA ``base + branch``; a variant that rescales its
+    output (DoRA) gets ``factor`` (its ``output_factor`` broadcast against the output) and,
+    with dropout active, ``dropped`` (the base on the dropped input). See
+    :class:`jlora._variant.Variant`."""
+    return get_variant(fv.meta.variant).combine(base, branch, factor, dropped)

@@ -77,7 +77,7 @@ def emit_fused(interp, plan: dot.DotPlan) -> list | None:
         return None
     members = [(None, plan.fv), *peers]
     fvs = [fv for _, fv in members]
-    ys = fops.factored_dots(
+    ys: list = fops.factored_dots(
         plan.spec(), tuple(fv.meta.scale for fv in fvs), plan.x,
         [fv.w.astype(fv.meta.dtype) for fv in fvs],
         [getattr(fv, plan.g_field).astype(fv.meta.dtype) for fv in fvs],

@@ -44,8 +44,9 @@ def move_transpose(fv: Factored, w, perm: Sequence[int]) -> Factored:
         old, new = positions(fv.roles, field), positions(new_roles, field)
         arr_perm = list(range(arr.ndim))
         for k_new, k_old in enumerate(perm):
-            if new[k_new] is not None:
-                arr_perm[new[k_new]] = old[k_old]
+            to, at = new[k_new], old[k_old]
+            if to is not None and at is not None:  # both or neither: the same field's axes
+                arr_perm[to] = at
         carried[field] = jnp.transpose(arr, arr_perm)
     return fv.replace(w, roles=new_roles, **carried)
 

@@ -51,6 +51,8 @@ class Part(Factored):
     The array has the kernel's number of axes, its stacked axes where ``roles`` has them.
     """
 
+    meta: PartMeta
+
     @classmethod
     def of(cls, kernel: Factored, array, part: tuple) -> Part:
         field, _ = part  # (field, statics); the kernel's W is the QuantizedKernel itself
@@ -153,7 +155,7 @@ def _stacked(*primitives):
 def _kernel_shape(fv: Factored, stacked: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of the kernel view ``fv`` holds (a part's array only has its stacked axes;
     its layer shape comes from the kernel's, in order since only stacked axes ever move)."""
-    if fv.lazy:
+    if fv.lazy or not isinstance(fv, Part):
         return tuple(fv.w.shape)
     layer = iter(fv.meta.layer_shape)
     return tuple(fv.w.shape[k] if k in stacked else next(layer) for k in range(len(fv.roles)))
@@ -274,7 +276,7 @@ def enter_kernels(traced, values, adapters, run, layouts) -> dict:
                 f"give its adapter the layout the kernel was quantized with."
             )
         if path in adapters:
-            out[path] = enter_kernel(path, qk, adapters[path], layout, run)
+            out[path] = enter_kernel(path, qk, adapters[path], adapters[path].layout, run)
         elif layout is not None:
             out[path] = enter_kernel(path, qk, None, layout, run)
         else:

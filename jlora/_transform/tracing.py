@@ -39,7 +39,7 @@ class Traced:
     param_paths: list  # for each jaxpr input: its path in params, or None (an argument)
     jitted: Any = None  # the interpretation under jax.jit, built on first use by `lora`
     # for each jaxpr input: (field, statics) if it is an array of a quantized kernel
-    param_parts: list | None = None
+    param_parts: list = dataclasses.field(default_factory=list)
     # guessed layouts already checked against this jaxpr (see api.check_guesses)
     checked: set = dataclasses.field(default_factory=set)
 

@@ -211,6 +211,21 @@ CASES = [
      ValueError, r"'enc.dense': lora_A .* \(2, 8\) but the kernel at path 'enc/dense/kernel' "
                  r"with shape \(8, 4\) \(layout 'oi'\) needs \(2, 4\) \(the file's shapes "
                  r"fit the layout\(s\) \['io'\]"),
+    ("lora-guessed-layout-contradicted-by-the-model",
+     lambda t: jlora.lora(lambda p, x: x @ p["enc"]["dense"]["kernel"].T)(
+         params(), adapters(), jnp.ones((2, 4))), jlora.LayoutError,
+     r"'enc/dense/kernel' \(shape \(8, 4\)\) has the layout 'io' \(guessed from its shape "
+     r"and name\), but dot_general at .*test_errors.py.* uses it as 'oi'.*"
+     r"layouts=jlora.infer_layouts\(fn, params, \*args\).*\{'enc/dense/kernel': 'oi'\}"),
+    ("infer-layouts-two-incompatible-uses",
+     lambda t: jlora.infer_layouts(
+         lambda p, x: x @ p["w"] + (x @ p["w"].T), {"w": jnp.ones((4, 4))}, jnp.ones((2, 4))),
+     jlora.LayoutError, r"path 'w'.*test_errors.py:\d+.*test_errors.py:\d+"),
+    ("quantized-stack-sliced-ambiguously",
+     lambda t: jax.tree.map(lambda a: a[:, :, 0], jlora.quantization.quantize(
+         jnp.ones((2, 64, 3, 2, 4)), "nf4", layout="sisoo")).dequantized(),
+     jlora.LayoutError, r"layout 'sisoo' \(stacked axes at \(0, 2\)\).*1 of its 2 stacked "
+     r"axes left.*\['isoo', 'sioo'\]"),
     ("peft-name-collision",
      lambda t: jlora.peft.save(t / "out", jlora.init(
          jax.random.key(0), {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 4))}},

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -126,7 +127,7 @@ jax.tree_util.register_dataclass(
     meta_fields=["layout", "rank", "alpha", "scale", "policy", "variant", "dropout"],
 )
 
-Adapters = dict  # {kernel path: Adapter}
+Adapters: TypeAlias = dict[str, Adapter]  # {kernel path: Adapter}, as jlora.init returns
 
 
 def is_adapter(x) -> bool:

@@ -804,3 +804,26 @@ def test_summary_counts_a_quantized_kernel_as_its_float_kernel():
     trainable = 4 * (128 + 64)
     assert jlora.summary(params, adapters).splitlines()[-1].startswith(
         f"trainable params: {trainable:,} || all params: {128 * 64 + trainable:,} ||")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_dora_on_a_quantized_base_equals_merge(quantized, jit):
+    # The dequantize rule rebuilds the kernel's factored value from its parts: DoRA's
+    # per-output factor and its way of combining outputs must survive it.
+    qparams = quantized["mix-a"]
+    ads = jlora.init(jax.random.key(3), qparams,
+                     jlora.LoraConfig(rank=2, alpha=4.0, layouts=LAYOUTS, variant="dora"))
+    ads = {p: a.replace(b=jax.random.normal(jax.random.key(9), a.b.shape) * 0.3,
+                        magnitude=a.magnitude * 1.5) for p, a in ads.items()}
+    x = jnp.asarray(_normal(11, (4, D)))
+    g = jlora.lora(_model)
+    maybe_jit = jax.jit if jit else (lambda f: f)
+    loss = lambda f: (lambda a: (f(a) ** 2).sum())
+    y, ga = maybe_jit(jax.value_and_grad(loss(lambda a: g(qparams, a, x))))(ads)
+    ry, ra = jax.jit(jax.value_and_grad(loss(lambda a: _model(jlora.merge(qparams, a), x))))(ads)
+    np.testing.assert_allclose(y, ry, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(ga), jax.tree.leaves(ra), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+    # The magnitude matters: a plain-LoRA combine would give another value.
+    lora_only = {p: a.replace(variant="lora", magnitude=None) for p, a in ads.items()}
+    assert abs(float(loss(lambda a: g(qparams, a, x))(lora_only)) - float(y)) > 1e-2 * abs(float(y))

@@ -104,7 +104,9 @@ def rule_dequantize(interp, eqn, invals):
                   f"{qk.kernel_layout.stacked_axes}, not where the kernel has them "
                   f"({first.roles!r})")
         return jc.bind_eqn(eqn, interp.materialise_all(invals, reason))
-    meta = Meta(first.meta.path, first.roles, eqn.outvars[0].aval.dtype, first.meta.scale)
+    # Everything the parts knew of the kernel (path, scale, variant, ...), less the part.
+    known = {f.name: getattr(first.meta, f.name) for f in dataclasses.fields(Meta)}
+    meta = Meta(**{**known, "roles": first.roles, "dtype": eqn.outvars[0].aval.dtype})
     w = _restacked(qk, first.roles)
     return [Factored(w, first.a, first.b, first.m, first.keys, first.index, meta=meta)]
 

@@ -265,7 +265,7 @@ def _weighted_svd(present, weights, path, rank, clamp):
     if clamp is not None:
         hi = jnp.quantile(jnp.concatenate([b.ravel(), a.ravel()]), clamp)
         a, b = jnp.clip(a, -hi, hi), jnp.clip(b, -hi, hi)
-    return a.reshape(*stacked, *fan_in, rank), b.reshape(*stacked, rank, *fan_out)
+    return lay.factors_from_matrices(a, b, shape)
 
 
 def add_weighted_adapter(adapters, weights: Sequence[float], combination_type: str = "svd",

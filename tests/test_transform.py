@@ -358,8 +358,9 @@ def _reference(name):
     return jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2), has_aux=True))
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("mode", list(MODES))
+# Every mode under jit; eager (the same interpretation, run op by op) for the default mode.
+@pytest.mark.parametrize("mode, jit", [*((m, True) for m in MODES), ("fused", False)],
+                         ids=["einsum-jit", "custom_vjp-jit", "fused-jit", "fused-eager"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_merge_values_and_grads(name, mode, jit):
     """The core equation, ``lora(f)(params, adapters, x) == f(merge(params, adapters), x)``,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as jc
+from jlora._layout_inference import reshape_groups
 from jlora._transform.factored import (
     CATEGORY,
     FIELDS,
@@ -51,44 +52,15 @@ def move_transpose(fv: Factored, w, perm: Sequence[int]) -> Factored:
     return fv.replace(w, roles=new_roles, **carried)
 
 
-def _reshape_groups(old: Sequence[int], new: Sequence[int]):
-    """Pair runs of axes of ``old`` and ``new`` with equal products (size-1 axes alone)."""
-    i = j = 0
-    groups = []
-    while i < len(old) or j < len(new):
-        if i < len(old) and old[i] == 1:
-            groups.append(([i], []))
-            i += 1
-            continue
-        if j < len(new) and new[j] == 1:
-            groups.append(([], [j]))
-            j += 1
-            continue
-        if i >= len(old) or j >= len(new):
-            raise Unsupported("the reshape does not split the kernel's axes into groups")
-        gi, gj, po, pn = [i], [j], old[i], new[j]
-        i, j = i + 1, j + 1
-        while po != pn:
-            if po < pn and i < len(old):
-                gi.append(i)
-                po *= old[i]
-                i += 1
-            elif pn < po and j < len(new):
-                gj.append(j)
-                pn *= new[j]
-                j += 1
-            else:
-                raise Unsupported("the reshape does not split the kernel's axes into groups")
-        groups.append((gi, gj))
-    return groups
-
-
 def _reshape_roles(roles: str, old: Sequence[int], new: Sequence[int]) -> str:
     """The roles after reshaping ``old`` to ``new``: only groups of one category merge."""
     if 0 in old or 0 in new:
         raise Unsupported("the kernel view has a zero-sized axis")
+    groups = reshape_groups(old, new)
+    if groups is None:
+        raise Unsupported("the reshape does not split the kernel's axes into groups")
     new_roles = [""] * len(new)
-    for gi, gj in _reshape_groups(old, new):
+    for gi, gj in groups:
         letters = {roles[i] for i in gi if old[i] != 1} or {roles[i] for i in gi}
         cats = {CATEGORY[r] for r in letters}
         if not gj:  # a size-1 axis dropped

@@ -92,9 +92,9 @@ def base_variant(params: dict, kind: str) -> dict:
     bf16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
     kernels = r"layers/.*/kernel"
     if kind == "bf16":
-        return jlora.paths.tree_map_with_path(
+        return jlora.tree_map_with_path(
             lambda p, w, b: b if p.endswith("/kernel") else w, params, bf16)
-    floats = jlora.paths.tree_map_with_path(
+    floats = jlora.tree_map_with_path(
         lambda p, w, b: b if p.endswith("/kernel") else w, params, bf16)
     scheme, dq = {"int8": ("int8", False), "nf4": ("nf4", False), "nf4+dq": ("nf4", True),
                   "nf4 naive": ("nf4", False)}[kind]
@@ -103,7 +103,7 @@ def base_variant(params: dict, kind: str) -> dict:
 
 
 def kernel_bytes(params: dict) -> int:
-    flat = jlora.paths.select(params, r".*/kernel")
+    flat = jlora.select(params, r".*/kernel")
     return sum(x.nbytes if Q.is_quantized(x) else x.size * x.dtype.itemsize
                for x in flat.values())
 
@@ -132,8 +132,8 @@ def train_step(cfg, optimizer, naive: bool):
 
 def kernel_error(base: dict, params: dict) -> float:
     """RMS of (stored - float32 kernel) over RMS of the float32 kernels, all kernels."""
-    got = jlora.paths.select(base, r".*/kernel")
-    want = jlora.paths.select(params, r".*/kernel")
+    got = jlora.select(base, r".*/kernel")
+    want = jlora.select(params, r".*/kernel")
     num = sum(float(jnp.sum(jnp.square(Q.dequantize(got[p]).astype(jnp.float32) - w)))
               for p, w in want.items())
     den = sum(float(jnp.sum(jnp.square(w))) for w in want.values())

@@ -166,7 +166,7 @@ def _jlora_lora():
     lora = getattr(jlora, "lora", None)
     if lora is None:
         try:
-            from jlora.transform import lora
+            from jlora._transform.api import lora
         except Exception as e:  # noqa: BLE001 - any failure means "not there yet"
             raise Unavailable(f"not available yet: jlora.lora not importable ({e})") from e
     return lora
@@ -204,8 +204,8 @@ def row_jlora_nnx(s: Setup, unroll: bool):
 
     # The same paths as the linen model's ("layers/query/kernel"), so the same adapters.
     state = {
-        "layers": jlora.paths.tree_map_with_path(fill, layer_state),
-        "ln_final": jlora.paths.tree_map_with_path(
+        "layers": jlora.tree_map_with_path(fill, layer_state),
+        "ln_final": jlora.tree_map_with_path(
             lambda p, _: s.params["ln_final"][p], final_state),
     }
 
@@ -233,7 +233,7 @@ def _lora_params_row(s: Setup, model, factor_pattern: str, kernel_of):
     the same function; ``kernel_of(factor path)`` names the adapted kernel's path.
     """
     shapes = jax.eval_shape(model.init, jax.random.key(0), s.x)["params"]
-    base = jlora.paths.select(s.params, ".*")
+    base = jlora.select(s.params, ".*")
 
     def fill(path, leaf):
         if re.fullmatch(factor_pattern, path):
@@ -244,22 +244,22 @@ def _lora_params_row(s: Setup, model, factor_pattern: str, kernel_of):
         assert value.shape == leaf.shape, (path, value.shape, leaf.shape)
         return value
 
-    full = jlora.paths.tree_map_with_path(fill, shapes)
-    n_lora = len(jlora.paths.select(full, factor_pattern, allow_empty=True))
+    full = jlora.tree_map_with_path(fill, shapes)
+    n_lora = len(jlora.select(full, factor_pattern, allow_empty=True))
     if n_lora != 2 * len(s.adapters):
         raise Unavailable(f"the model holds {n_lora} LoRA arrays, expected {2 * len(s.adapters)}")
-    lora, frozen = jlora.paths.partition(full, factor_pattern)
+    lora, frozen = jlora.partition(full, factor_pattern)
 
     def step(lora, frozen, x):
         def loss(lora):
-            params = jlora.paths.combine(lora, frozen)
+            params = jlora.combine(lora, frozen)
             return common.loss_of(model.apply({"params": params}, x), x)
 
         return jax.value_and_grad(loss)(lora)
 
     def canon(out):
         loss, grads = out
-        flat = jlora.paths.select(grads, factor_pattern)
+        flat = jlora.select(grads, factor_pattern)
         return {"loss": loss, **{kernel_of(p) + "/" + p[-1]: g for p, g in flat.items()}}
 
     return step, (lora, frozen, s.x), canon
@@ -295,9 +295,9 @@ def row_nnx(s: Setup, unroll: bool):
         assert value.shape[1:] == leaf.shape, (path, value.shape, leaf.shape)
         return value
 
-    lora_state = jlora.paths.tree_map_with_path(fill, lora_state)
-    rest_state = jlora.paths.tree_map_with_path(fill, rest_state)
-    final_state = jlora.paths.tree_map_with_path(
+    lora_state = jlora.tree_map_with_path(fill, lora_state)
+    rest_state = jlora.tree_map_with_path(fill, rest_state)
+    final_state = jlora.tree_map_with_path(
         lambda p, _: s.params["ln_final"][p], final_state
     )
 
@@ -313,7 +313,7 @@ def row_nnx(s: Setup, unroll: bool):
 
     def canon(out):
         loss, grads = out
-        flat = jlora.paths.select(grads, r".*/lora_[ab]")
+        flat = jlora.select(grads, r".*/lora_[ab]")
         res = {"loss": loss}
         for p, g in flat.items():
             name = p.split("/")[0]

@@ -6,6 +6,7 @@ Shared by ``finetune_lm.py`` and ``rank_sweep.py``. Tokens are raw bytes (vocabu
 
 from __future__ import annotations
 
+import os
 import sysconfig
 import zlib
 from pathlib import Path
@@ -92,3 +93,12 @@ def fixed_windows(data: np.ndarray, length: int, count: int) -> np.ndarray:
         raise ValueError(f"Need more than {length} bytes of held-out text, got {len(data)}.")
     starts = np.linspace(0, len(data) - length, num=count).astype(np.int64)
     return data[np.unique(starts)[:, None] + np.arange(length)].astype(np.int32)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, so an interrupted run never
+    leaves a half-written plot, result or cache behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

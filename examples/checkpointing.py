@@ -2,8 +2,8 @@
 
 Adapters are plain pytrees, so orbax's ``CheckpointManager`` saves them and the optax
 state unchanged. Their static fields (layout, rank, alpha, scale, ...) are not arrays;
-the checkpoint keeps them as the native format's JSON (``jlora.io.adapter_metadata``)
-beside the arrays, and ``jlora.io.abstract_adapters`` turns that JSON back into the
+the checkpoint keeps them as the native format's JSON (``jlora.adapter_metadata``)
+beside the arrays, and ``jlora.abstract_adapters`` turns that JSON back into the
 restore template, so resuming needs neither the ``LoraConfig`` nor the base params.
 
 1. Train 2N steps without stopping (the reference).
@@ -87,7 +87,7 @@ def save(manager, step, adapters, opt_state):
     manager.save(step, args=ocp.args.Composite(
         adapters=ocp.args.StandardSave(adapters),
         opt_state=ocp.args.StandardSave(opt_state),
-        jlora=ocp.args.JsonSave(jlora.io.adapter_metadata(adapters)),
+        jlora=ocp.args.JsonSave(jlora.adapter_metadata(adapters)),
     ))
 
 
@@ -99,11 +99,11 @@ def restore(manager, step, mesh=None, kernel_specs=None):
     moments like their factors (``jlora.sharding.state_shardings``).
     """
     meta = manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-    adapters_like = jlora.io.abstract_adapters(meta)
+    adapters_like = jlora.abstract_adapters(meta)
     opt_like = jax.eval_shape(OPTIMIZER.init, adapters_like)
     if mesh is not None:
         shardings = jlora.adapter_shardings(adapters_like, kernel_specs, mesh)
-        adapters_like = jlora.io.abstract_adapters(meta, sharding=shardings)
+        adapters_like = jlora.abstract_adapters(meta, sharding=shardings)
         opt_shardings = jlora.sharding.state_shardings(opt_like, adapters_like, shardings)
         opt_like = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_like, opt_shardings

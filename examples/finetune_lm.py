@@ -149,7 +149,7 @@ class Devices:
                 return self.named(None, "model")
             return self.replicated
 
-        return jlora.paths.tree_map_with_path(spec, params)
+        return jlora.tree_map_with_path(spec, params)
 
     def put(self, tree, shardings):
         """Host arrays (identical on every process) onto the mesh."""
@@ -258,7 +258,7 @@ def pretrain_base(config, args, devices, text):
     if not args.no_cache and jax.process_index() == 0:
         blob = {"params": flax.serialization.to_state_dict(params),
                 "losses": np.asarray(losses, np.float32)}
-        jlora.io.write_bytes_atomic(cache, flax.serialization.msgpack_serialize(blob))
+        data_lib.write_atomic(cache, flax.serialization.msgpack_serialize(blob))
     return params, losses, cache, False
 
 
@@ -328,7 +328,7 @@ def plot(path: Path, pretrain_losses, runs, base_heldout, args):
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
 
-    jlora.io.write_bytes_atomic(path, buf.getvalue())
+    data_lib.write_atomic(path, buf.getvalue())
 
 
 def main(argv=None) -> dict:
@@ -417,7 +417,7 @@ def main(argv=None) -> dict:
         plot(files["plot"], pretrain_losses, runs, base_heldout, args)
         results["seconds"] = round(time.perf_counter() - t_start, 1)
         files["results"] = out / "results.json"
-        jlora.io.write_bytes_atomic(files["results"], json.dumps(results, indent=1).encode())
+        data_lib.write_atomic(files["results"], json.dumps(results, indent=1).encode())
 
     trainable = sum(a.num_params for a in adapters_out["rslora"].values())
     total = sum(math.prod(x.shape) for x in jax.tree.leaves(host_base))

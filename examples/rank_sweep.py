@@ -59,6 +59,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the _lm_* helpers
+from _lm_data import write_atomic  # noqa: E402
 
 SCALINGS = ("standard", "rslora")
 METRICS = {
@@ -305,7 +306,7 @@ def _save(fig, path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    jlora.io.write_bytes_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def main(argv=None) -> dict:
@@ -407,7 +408,7 @@ def main(argv=None) -> dict:
 
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     files["results"] = out / f"results_{args.task}.json"
-    jlora.io.write_bytes_atomic(files["results"], json.dumps(results, indent=1).encode())
+    write_atomic(files["results"], json.dumps(results, indent=1).encode())
     print(f"\ntime: {results['seconds']:.0f} s")
     for name, path in files.items():
         print(f"wrote {name:14} {path}")

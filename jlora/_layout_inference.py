@@ -65,8 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as jc
+from jlora import _paths as paths_lib
 from jlora import layouts as layouts_lib
-from jlora import paths as paths_lib
 from jlora.layouts import Layout, LayoutError
 
 __all__ = [
@@ -763,7 +763,7 @@ def check_layout(found: KernelUses, layout: Layout) -> None:
       >>> check_layout(found["head/kernel"], Layout("io", guessed=True))
       Traceback (most recent call last):
         ...
-      jlora.layouts.LayoutError: The kernel at path 'head/kernel' (shape (3, 2)) has the ...
+      jlora.LayoutError: The kernel at path 'head/kernel' (shape (3, 2)) has the ...
     """
     if layout.ndim != len(found.shape):
         layout.check_shape(found.shape, found.path)

@@ -19,7 +19,7 @@ The plain LoRA variant is registered here; the others register themselves in
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from jlora.adapter import Adapter
+  >>> from jlora._adapter import Adapter
   >>> lora = get_variant("lora")
   >>> ad = Adapter(a=jnp.ones((2, 1)), b=jnp.ones((1, 3)))
   >>> lora.merge(jnp.zeros((2, 3)), ad)
@@ -35,7 +35,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from jlora.adapter import Adapter
+from jlora._adapter import Adapter
 from jlora.layouts import Layout
 
 __all__ = ["Variant", "get_variant", "register_variant", "variant_names"]
@@ -85,7 +85,7 @@ class Variant:
 
     def extra_shapes(self, layout: Layout, kernel_shape: Sequence[int]) -> dict:
         """``{field: shape}`` of the trainable arrays this variant adds to ``a`` and ``b``
-        (fields of :class:`~jlora.adapter.Adapter`), for a kernel of ``kernel_shape``."""
+        (fields of :class:`~jlora.Adapter`), for a kernel of ``kernel_shape``."""
         del layout, kernel_shape
         return {}
 

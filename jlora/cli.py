@@ -43,8 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora import files, io, merging, peft
-from jlora.reporting import summary
+from jlora import _files as files
+from jlora import _io as io
+from jlora import _merging as merging
+from jlora import peft
+from jlora._reporting import summary
 
 __all__ = ["build_parser", "main"]
 

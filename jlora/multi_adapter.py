@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.adapter import Adapter, Adapters
-from jlora.transform import lora
+from jlora._adapter import Adapter, Adapters
+from jlora._transform.api import lora
 
 __all__ = ["AdapterBank", "add_weighted_adapter", "per_example", "stack_adapters"]
 

@@ -63,9 +63,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import _jax_compat as jc
-from jlora import paths as paths_lib
+from jlora import _paths as paths_lib
+from jlora._merging import merge as _dense_merge
 from jlora.layouts import Layout, LayoutError, resolve_layout
-from jlora.merging import merge as _dense_merge
 
 __all__ = [
     "DYNAMIC_CODE",

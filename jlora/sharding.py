@@ -47,8 +47,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlora import paths as paths_lib
-from jlora.adapter import Adapter, Adapters, check_adapters
+from jlora import _paths as paths_lib
+from jlora._adapter import Adapter, Adapters, check_adapters
 from jlora.layouts import Layout
 
 __all__ = [

@@ -614,7 +614,7 @@ def export_one(case_dir: pathlib.Path, spec: dict, fixtures: pathlib.Path) -> di
     jlora.peft.save(case_dir / "adapter", adapters)
     merged = jlora.merge(params, adapters)
     save_st(case_dir / "merged.safetensors",
-            {k: np.asarray(v) for k, v in jlora.paths.select(merged, ".*").items()})
+            {k: np.asarray(v) for k, v in jlora.select(merged, ".*").items()})
     if apply is not None:
         save_st(case_dir / "logits.safetensors", {
             "lora": np.asarray(jlora.lora(apply)(params, adapters, **inputs)),

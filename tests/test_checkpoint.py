@@ -74,14 +74,14 @@ def save(manager, step, adapters, opt_state):
     manager.save(step, args=ocp.args.Composite(
         adapters=ocp.args.StandardSave(adapters),
         opt_state=ocp.args.StandardSave(opt_state),
-        jlora=ocp.args.JsonSave(jlora.io.adapter_metadata(adapters)),
+        jlora=ocp.args.JsonSave(jlora.adapter_metadata(adapters)),
     ))
     manager.wait_until_finished()
 
 
 def restore(manager, step):
     meta = manager.restore(step, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-    adapters_like = jlora.io.abstract_adapters(meta)
+    adapters_like = jlora.abstract_adapters(meta)
     restored = manager.restore(step, args=ocp.args.Composite(
         adapters=ocp.args.StandardRestore(adapters_like),
         opt_state=ocp.args.StandardRestore(jax.eval_shape(OPTIMIZER.init, adapters_like)),
@@ -189,12 +189,12 @@ SHARDED_SCRIPT = textwrap.dedent("""
     with ocp.CheckpointManager(sys.argv[1]) as manager:
         manager.save(n, args=ocp.args.Composite(
             adapters=ocp.args.StandardSave(mid), opt_state=ocp.args.StandardSave(mid_opt),
-            jlora=ocp.args.JsonSave(jlora.io.adapter_metadata(mid))))
+            jlora=ocp.args.JsonSave(jlora.adapter_metadata(mid))))
     with ocp.CheckpointManager(sys.argv[1]) as manager:  # a fresh manager, no live arrays used
         meta = manager.restore(n, args=ocp.args.Composite(jlora=ocp.args.JsonRestore()))["jlora"]
-        like = jlora.io.abstract_adapters(meta)
+        like = jlora.abstract_adapters(meta)
         sh = jlora.adapter_shardings(like, kernel_specs, mesh)
-        like = jlora.io.abstract_adapters(meta, sharding=sh)
+        like = jlora.abstract_adapters(meta, sharding=sh)
         o_like = jax.eval_shape(opt.init, like)
         o_sh = jlora.sharding.state_shardings(o_like, like, sh)
         o_like = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -204,7 +204,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
         # The same checkpoint onto one device: resharding on restore.
         one = jax.sharding.SingleDeviceSharding(jax.devices()[3])
         single = manager.restore(n, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(
-            jlora.io.abstract_adapters(meta, sharding=one))))["adapters"]
+            jlora.abstract_adapters(meta, sharding=one))))["adapters"]
     restored, restored_opt = got["adapters"], got["opt_state"]
     final, final_opt, rest = run(restored, restored_opt, n, 2 * n)
     def spec(x):  # the PartitionSpec padded to the array's rank, as a JSON list

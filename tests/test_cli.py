@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import io
+from jlora import _io as io
 from jlora.cli import main
 
 BASE = {

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 import jlora
-from jlora.io import AdapterFormatError
+from jlora._io import AdapterFormatError
 
 
 def params():

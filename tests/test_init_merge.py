@@ -131,7 +131,7 @@ def test_init_layouts_and_shapes(case):
     params = make()
     adapters = jlora.init(jax.random.key(0), params, jlora.LoraConfig(**kwargs))
     assert {p: ad.layout.axes for p, ad in adapters.items()} == expected
-    flat = jlora.paths.select(params, ".*")
+    flat = jlora.select(params, ".*")
     for path, ad in adapters.items():
         a_shape, b_shape = ad.layout.factor_shapes(flat[path].shape, ad.rank)
         assert (ad.a.shape, ad.b.shape) == (a_shape, b_shape)
@@ -150,7 +150,7 @@ class MergeTest(chex.TestCase):
                 config = jlora.LoraConfig(alpha=3.0, scaling=policy, **kwargs)
                 adapters = randomized(jlora.init(jax.random.key(0), params, config))
                 merged = merge(params, adapters)
-                before, after = jlora.paths.select(params, ".*"), jlora.paths.select(merged, ".*")
+                before, after = jlora.select(params, ".*"), jlora.select(merged, ".*")
                 assert sorted(before) == sorted(after), case
                 for path, w in before.items():
                     if path not in adapters:
@@ -163,7 +163,7 @@ class MergeTest(chex.TestCase):
                         ad.a, ad.b, ad.layout, expected_scale)
                     np.testing.assert_allclose(after[path], want, rtol=1e-5, atol=1e-5,
                                                err_msg=f"{case} {path}")
-                back = jlora.paths.select(unmerge(merged, adapters), ".*")
+                back = jlora.select(unmerge(merged, adapters), ".*")
                 for path, w in before.items():
                     np.testing.assert_allclose(back[path], w, rtol=1e-5, atol=1e-5,
                                                err_msg=f"{case} {path}")
@@ -249,7 +249,7 @@ def test_init_is_deterministic_with_and_without_jit_and_per_path():
     # Kernels get independent keys.
     assert not np.allclose(eager["query/kernel"].a, eager["key/kernel"].a)
     # Adding an unrelated parameter (even an adapted one) changes no existing adapter.
-    bigger = {**jlora.paths.select(params, ".*"), "extra/kernel": jnp.ones((8, 8))}
+    bigger = {**jlora.select(params, ".*"), "extra/kernel": jnp.ones((8, 8))}
     more = jlora.init(jax.random.key(7), bigger, jlora.LoraConfig(**{**kwargs,
                                                                       "targets": ".*kernel"}))
     for path in eager:

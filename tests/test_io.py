@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora import files, io
+from jlora import _files as files
+from jlora import _io as io
 
 PARAMS = {
     "dense": {"kernel": jnp.linspace(-1.0, 1.0, 8 * 6).reshape(8, 6), "bias": jnp.zeros(6)},
@@ -132,10 +133,10 @@ def test_loaded_adapters_merge_like_numpy_on_the_files(saved, use_jit):
     _, _, path = saved
     loaded = jlora.load(path, PARAMS)
     merge = jax.jit(jlora.merge) if use_jit else jlora.merge
-    merged = jlora.paths.select(merge(PARAMS, loaded), ".*")
+    merged = jlora.select(merge(PARAMS, loaded), ".*")
     meta = json.loads((path / io.JSON_NAME).read_text())
     tensors, _ = io.read_safetensors(path / io.WEIGHTS_NAME)
-    flat = jlora.paths.select(PARAMS, ".*")
+    flat = jlora.select(PARAMS, ".*")
     for kpath, entry in meta["adapters"].items():
         layout = jlora.Layout(entry["layout"])
         a = tensors[f"{kpath}/a"].astype(np.float32)
@@ -346,7 +347,7 @@ KILLED_SAVE = textwrap.dedent("""
     import sys, time
     import numpy as np
     import jlora
-    from jlora import files
+    from jlora import _files as files
 
     def write_half_then_wait(path, data):
         with open(path, "wb") as f:

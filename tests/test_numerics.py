@@ -106,7 +106,7 @@ def test_merge_with_donated_params_keeps_one_copy(variant, slices):
     assert memory.alias_size_in_bytes == param_bytes  # every merged kernel overwrites its input
     # A few slices at most (the update and its sum; DoRA also the rescaled update),
     # against 512 MiB of params.
-    assert memory.temp_size_in_bytes <= slices * jlora.merging.MAX_UPDATE_BYTES + 2**20
+    assert memory.temp_size_in_bytes <= slices * jlora._merging.MAX_UPDATE_BYTES + 2**20
 
 
 def test_7b_tree_peft_export_without_allocation():

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import jlora
-from jlora.optim import labels, merge_trainable, split_trainable, trainable_mask
+from jlora._optim import merge_trainable, split_trainable, trainable_labels, trainable_mask
 
 JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 
@@ -65,7 +65,7 @@ X = np.random.default_rng(2).normal(size=(6, 5)).astype(np.float32)
 # -- choosing what is trained ---------------------------------------------------------
 
 def extra_paths(params, adapters, **kw):
-    flags = jlora.paths.select(trainable_mask(params, adapters, **kw), ".*")
+    flags = jlora.select(trainable_mask(params, adapters, **kw), ".*")
     return sorted(p for p, keep in flags.items() if keep)
 
 
@@ -87,12 +87,12 @@ def test_modules_to_save_patterns(params, adapters):
 def test_split_trainable_structure(params, adapters):
     trainable, frozen = split_trainable(params, adapters, modules_to_save="head/.*",
                                         bias="lora_only")
-    assert jlora.paths.leaf_paths(trainable) == [
+    assert jlora.leaf_paths(trainable) == [
         "adapters/enc/kernel/a", "adapters/enc/kernel/b",
         "adapters/mid/kernel/a", "adapters/mid/kernel/b",
         "params/enc/bias", "params/head/bias", "params/head/kernel",
     ]
-    assert jlora.paths.leaf_paths(frozen) == [
+    assert jlora.leaf_paths(frozen) == [
         "enc/kernel", "mid/kernel", "norm/scale", "steps"]
     assert trainable["params"]["head"]["kernel"] is params["head"]["kernel"]
 
@@ -103,8 +103,8 @@ def test_merge_trainable_round_trip_at_init(params, jit):
     trainable, frozen = split_trainable(params, fresh, modules_to_save="head/.*", bias="all")
     back = maybe_jit(merge_trainable, jit)(frozen, trainable)
     assert jax.tree.structure(back) == jax.tree.structure(params)
-    for path, leaf in jlora.paths.select(params, ".*").items():
-        np.testing.assert_array_equal(jlora.paths.select(back, ".*")[path], leaf, err_msg=path)
+    for path, leaf in jlora.select(params, ".*").items():
+        np.testing.assert_array_equal(jlora.select(back, ".*")[path], leaf, err_msg=path)
 
 
 @JIT
@@ -159,11 +159,11 @@ def test_gradients_of_the_trainable_tree_match_numpy(params, adapters, jit):
                                         bias="lora_only")
 
     def loss(trainable):
-        return 0.5 * jnp.sum(forward(merge_trainable(frozen, trainable), X) ** 2)
+        return 0.5 * jnp.sum(forward(merge_trainable(trainable, frozen), X) ** 2)
 
     grads = maybe_jit(jax.grad(loss), jit)(trainable)
     want = numpy_grads(params, adapters, X.astype(np.float64))
-    got = jlora.paths.select(grads, ".*")
+    got = jlora.select(grads, ".*")
     assert sorted(got) == sorted(want)
     for path, g in got.items():
         np.testing.assert_allclose(g, want[path], rtol=1e-4, atol=1e-4, err_msg=path)
@@ -176,17 +176,17 @@ def test_nnx_state_round_trip():
     ads = jlora.init(jax.random.key(0), state, config)
     trainable, frozen = split_trainable(state, ads, modules_to_save="layers/1/.*",
                                         bias="lora_only")
-    assert jlora.paths.leaf_paths(trainable) == [
+    assert jlora.leaf_paths(trainable) == [
         "adapters/layers/0/kernel/a", "adapters/layers/0/kernel/b", "params/layers/0/bias",
         "params/layers/1/bias", "params/layers/1/kernel"]
     x = jnp.ones((3, 4))
 
     def loss(trainable):
-        return jnp.sum(nnx.merge(graphdef, merge_trainable(frozen, trainable))(x) ** 2)
+        return jnp.sum(nnx.merge(graphdef, merge_trainable(trainable, frozen))(x) ** 2)
 
     value, grads = jax.jit(jax.value_and_grad(loss))(trainable)
     np.testing.assert_allclose(value, jnp.sum(model(x) ** 2), rtol=1e-6)
-    assert jlora.paths.leaf_paths(grads) == jlora.paths.leaf_paths(trainable)
+    assert jlora.leaf_paths(grads) == jlora.leaf_paths(trainable)
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_labels_name_every_leaf(params):
     dora = jlora.init(jax.random.key(0), params, jlora.LoraConfig(
         rank=2, targets="(enc|mid)/kernel", variant="dora"))
     trainable, _ = split_trainable(params, dora, bias="lora_only")
-    got = jlora.paths.select(labels(trainable), ".*")
+    got = jlora.select(trainable_labels(trainable), ".*")
     assert got == {
         "adapters/enc/kernel/a": "lora_a", "adapters/enc/kernel/b": "lora_b",
         "adapters/enc/kernel/magnitude": "lora_magnitude",
@@ -241,12 +241,13 @@ def test_labels_name_every_leaf(params):
         "adapters/mid/kernel/magnitude": "lora_magnitude",
         "params/enc/bias": "extra",
     }
-    assert jax.tree.structure(labels(dora)) == jax.tree.structure(
+    assert jax.tree.structure(trainable_labels(dora)) == jax.tree.structure(
         jax.tree.map(lambda _: "x", dora))
 
 
 def test_labels_drive_optax_partition(adapters):
-    opt = optax.partition({"lora_a": optax.sgd(1.0), "lora_b": optax.set_to_zero()}, labels)
+    opt = optax.partition({"lora_a": optax.sgd(1.0), "lora_b": optax.set_to_zero()},
+                          trainable_labels)
     grads = jax.tree.map(jnp.ones_like, adapters)
     updates, _ = opt.update(grads, opt.init(adapters), adapters)
     for ad in updates.values():
@@ -271,8 +272,8 @@ def test_lora_plus_sgd_b_update_is_ratio_times_a_side(params, adapters, ratio, j
     plain = optax.sgd(lr)
     up_plus, _ = maybe_jit(plus.update, jit)(grads, plus.init(trainable), trainable)
     up_plain, _ = maybe_jit(plain.update, jit)(grads, plain.init(trainable), trainable)
-    g = jlora.paths.select(grads, ".*")
-    plus_flat, plain_flat = jlora.paths.select(up_plus, ".*"), jlora.paths.select(up_plain, ".*")
+    g = jlora.select(grads, ".*")
+    plus_flat, plain_flat = jlora.select(up_plus, ".*"), jlora.select(up_plain, ".*")
     for path, u in plus_flat.items():
         if path.endswith("/b"):
             # ratio x what the same optimizer gives without LoRA+: exactly for a power of two;
@@ -319,7 +320,7 @@ def test_lora_plus_peft_grouping_speeds_up_vectors(params):
     ]:
         opt = jlora.lora_plus(optax.sgd(1.0), ratio=16.0, peft_grouping=peft)
         up, _ = opt.update(grads, opt.init(trainable), trainable)
-        for path, u in jlora.paths.select(up, ".*").items():
+        for path, u in jlora.select(up, ".*").items():
             field = path.rsplit("/", 1)[1] if path.startswith("adapters/") else path
             want = -16.0 if field in boosted else -1.0
             np.testing.assert_array_equal(u, np.full(u.shape, want, np.float32), err_msg=path)
@@ -331,7 +332,7 @@ def test_lora_plus_composes_with_any_chain(adapters):
     opt = optax.chain(
         optax.clip_by_global_norm(max_norm),
         jlora.lora_plus(optax.adamw(lr, weight_decay=wd,
-                                    mask=lambda t: jlora.paths.mask(t, r".*/a", allow_empty=True)),
+                                    mask=lambda t: jlora.mask(t, r".*/a", allow_empty=True)),
                         ratio=ratio),
     )
     grads = grads_like(adapters)

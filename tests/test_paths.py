@@ -11,7 +11,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 import jlora
-from jlora import paths
+from jlora import _paths as paths
 
 
 @jax.tree_util.register_dataclass

@@ -23,7 +23,8 @@ import pytest
 import safetensors.numpy
 
 import jlora
-from jlora import files, peft
+from jlora import _files as files
+from jlora import peft
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "peft"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").is_file())
@@ -120,7 +121,7 @@ def test_load_matches_peft_merge_and_output(case, jit):
         return merged, (forward(merged["params"], x) if forward else None)
 
     merged, y = (jax.jit(run) if jit else run)(case["params"], adapters, case["x"])
-    flat = jlora.paths.select(merged, ".*")
+    flat = jlora.select(merged, ".*")
     assert sorted(flat) == sorted(case["merged"])
     for path, want in case["merged"].items():
         np.testing.assert_allclose(flat[path], want, **TOL, err_msg=path)
@@ -204,16 +205,16 @@ def _make(seed=0, **config):
     dtype = np.dtype(cfg.dtype)
     out = {}
     for path, p in jlora.plan(PARAMS, cfg).items():
-        a_shape, b_shape = p["layout"].factor_shapes(p["shape"], p["rank"])
-        stacked, _, fan_out = p["layout"].split_shape(p["shape"])
+        a_shape, b_shape = p.layout.factor_shapes(p.shape, p.rank)
+        stacked, _, fan_out = p.layout.split_shape(p.shape)
         magnitude = None
         if cfg.variant == "dora":
             magnitude = jnp.asarray(rng.uniform(0.5, 1.5, (*stacked, *fan_out)).astype(dtype))
         out[path] = jlora.Adapter(
             a=jnp.asarray(rng.standard_normal(a_shape).astype(dtype)),
             b=jnp.asarray(rng.standard_normal(b_shape).astype(dtype)),
-            magnitude=magnitude, layout=p["layout"], rank=p["rank"], alpha=p["alpha"],
-            scale=p["scale"], policy=cfg.policy_name, variant=cfg.variant,
+            magnitude=magnitude, layout=p.layout, rank=p.rank, alpha=p.alpha,
+            scale=p.scale, policy=cfg.policy_name, variant=cfg.variant,
             dropout=float(cfg.dropout),
         )
     return out
@@ -266,7 +267,7 @@ def _numpy_merged_from_files(path, adapters):
     config = json.loads((path / peft.CONFIG_NAME).read_text())
     tensors = {k: np.asarray(v, np.float32)
                for k, v in safetensors.numpy.load_file(path / peft.WEIGHTS_NAME).items()}
-    flat = jlora.paths.select(PARAMS, ".*")
+    flat = jlora.select(PARAMS, ".*")
     out = {}
     for kpath, ad in adapters.items():
         ns = ad.layout.num_stacked
@@ -303,7 +304,7 @@ def _numpy_merged_from_files(path, adapters):
 def test_loaded_adapters_merge_like_numpy_reading_the_files(round_trip, jit):
     _, path, back = round_trip
     merged = (jax.jit(jlora.merge) if jit else jlora.merge)(PARAMS, back)
-    flat = jlora.paths.select(merged, ".*")
+    flat = jlora.select(merged, ".*")
     for kpath, want in _numpy_merged_from_files(path, back).items():
         np.testing.assert_allclose(flat[kpath], want, **TOL, err_msg=kpath)
 
@@ -507,7 +508,7 @@ def test_gpt2_needs_its_layouts_and_then_gives_peft_merged_weights():
     adapters = peft.load(root / "adapter", params,
                          layouts={r".*/(c_attn|c_proj|c_fc)/kernel": "oi"})
     assert len(adapters) == 8 and {ad.layout.axes for ad in adapters.values()} == {"oi"}
-    merged = jlora.paths.select(jlora.merge(params, adapters), ".*")
+    merged = jlora.select(jlora.merge(params, adapters), ".*")
     want = _section(stored, "merged")
     assert sorted(merged) == sorted(want)
     for path, value in want.items():
@@ -600,7 +601,7 @@ def test_pattern_keys_match_like_peft():
 
 
 def test_target_modules_match_like_peft():
-    targeted = peft._is_targeted
+    targeted = peft._names._is_targeted
     assert targeted({"target_modules": ["q"]}, "model.layers.0.q")
     assert not targeted({"target_modules": ["q"]}, "model.layers.0.xq")
     assert targeted({"target_modules": ["layers.0.q"]}, "layers.0.q")

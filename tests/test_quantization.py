@@ -227,10 +227,10 @@ def test_quantized_kernel_is_one_leaf_for_paths_plan_and_init():
          "head": {"kernel": jnp.asarray(_normal(4, (16, 8))), "bias": jnp.zeros(8)}},
         "nf4", layouts={"stack/.*": "s..."}, double_quant=True,
     )
-    assert jlora.paths.leaf_paths(params) == ["head/bias", "head/kernel", "stack/kernel"]
+    assert jlora.leaf_paths(params) == ["head/bias", "head/kernel", "stack/kernel"]
     config = jlora.LoraConfig(rank=2, layouts={"stack/kernel": "sio"})
     planned = jlora.plan(params, config)
-    assert planned["stack/kernel"]["shape"] == (2, 16, 8)
+    assert planned["stack/kernel"].shape == (2, 16, 8)
     ads = jlora.init(jax.random.key(0), params, config)
     assert ads["stack/kernel"].a.shape == (2, 16, 2) and ads["head/kernel"].b.shape == (2, 8)
     back = Q.dequantize_params(params)
@@ -312,7 +312,7 @@ def _adapters(params, dtype="float32", key=0):
 def _direct(qparams, ads, x):
     """The model on W + s·A·B, W dequantized in numpy, the update formed with jnp."""
     dense = {}
-    for path, leaf in jlora.paths.select(qparams, ".*").items():
+    for path, leaf in jlora.select(qparams, ".*").items():
         w = jnp.asarray(_np_dequant(leaf))
         ad = ads[path]
         w = w + ad.scale * ad.layout.product(ad.a.astype(jnp.float32), ad.b.astype(jnp.float32))
@@ -783,18 +783,18 @@ def test_merge_into_quantized_base(quantized, mix):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merged = Q.merge(qparams, ads)
-    for path, leaf in jlora.paths.select(qparams, ".*").items():
+    for path, leaf in jlora.select(qparams, ".*").items():
         want = _np_dequant(leaf) + np.asarray(ads[path].delta())
-        np.testing.assert_allclose(jlora.paths.select(merged, ".*")[path], want,
+        np.testing.assert_allclose(jlora.select(merged, ".*")[path], want,
                                    rtol=1e-6, atol=1e-6)
-    first = jlora.paths.select(qparams, ".*")[next(iter(ads))].scheme
+    first = jlora.select(qparams, ".*")[next(iter(ads))].scheme
     with pytest.warns(Q.QuantizationWarning, match=rf"Requantizing 4 merged .*{first}"):
         requant = Q.merge(qparams, ads, requantize=True)
-    for path, leaf in jlora.paths.select(requant, ".*").items():
-        old = jlora.paths.select(qparams, ".*")[path]
+    for path, leaf in jlora.select(requant, ".*").items():
+        old = jlora.select(qparams, ".*")[path]
         assert Q.is_quantized(leaf) and leaf.statics() == old.statics()
         assert leaf.double_quant == old.double_quant
-        redo = Q.quantize(jlora.paths.select(merged, ".*")[path], old.scheme,
+        redo = Q.quantize(jlora.select(merged, ".*")[path], old.scheme,
                           layout=old.kernel_layout, double_quant=old.double_quant)
         np.testing.assert_array_equal(leaf.values, redo.values)
 

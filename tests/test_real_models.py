@@ -361,7 +361,7 @@ def setup(request) -> Setup:
 
 
 def test_infer_layouts_reads_every_targeted_kernel(setup):
-    targeted = jlora.paths.select(setup.case.params, setup.case.targets)
+    targeted = jlora.select(setup.case.params, setup.case.targets)
     assert sorted(targeted) == sorted(setup.case.layouts)
     got = {path: setup.inferred.get(path) for path in targeted}
     assert got == setup.case.layouts

@@ -304,7 +304,7 @@ def test_state_shardings_mirror_params_and_replicate_the_rest(adapters, mesh):
     opt = jlora.lora_plus(optax.adam(1e-3), ratio=16.0)
     state = jax.eval_shape(opt.init, adapters)
     out = jlora.state_shardings(state, adapters, shardings)
-    flat = jlora.paths.select(out, ".*")
+    flat = jlora.select(out, ".*")
     mirrored = {p: s.spec for p, s in flat.items() if p.endswith(("/a", "/b"))}
     # Adam's mu and nu, for A in LoRA+'s base group and for B in its sped-up group.
     assert len(mirrored) == 2 * 2 * len(adapters)

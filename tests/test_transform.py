@@ -51,10 +51,10 @@ def _adapters(params, **config):
     config = jlora.LoraConfig(**config)
     out = {}
     for path, p in jlora.plan(params, config).items():
-        a_shape, b_shape = p["layout"].factor_shapes(p["shape"], p["rank"])
+        a_shape, b_shape = p.layout.factor_shapes(p.shape, p.rank)
         out[path] = jlora.Adapter(
             a=_normal(*a_shape, scale=0.5), b=_normal(*b_shape, scale=0.5),
-            layout=p["layout"], rank=p["rank"], alpha=p["alpha"], scale=p["scale"],
+            layout=p.layout, rank=p.rank, alpha=p.alpha, scale=p.scale,
             policy=config.policy_name, variant=config.variant, dropout=config.dropout,
         )
     return out

@@ -1,4 +1,5 @@
-"""The factored transform's machinery (private; the public names are in ``jlora.transform``).
+"""The factored transform's machinery (private). Its public names: ``jlora.lora``,
+``jlora.lora_report``, ``jlora.collect_inputs`` and ``jlora.FactoredFallbackWarning``.
 
 ==================  ====================================================================
 ``factored.py``     the factored value (``Factored``, ``Meta``) and its carried arrays

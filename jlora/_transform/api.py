@@ -15,15 +15,15 @@ from collections.abc import Callable
 import jax
 
 from jlora import _layout_inference
+from jlora._adapter import Adapters
+from jlora._merging import check_adapters_fit
 from jlora._transform import quantized
 from jlora._transform.collect import Collector, layouts_for
 from jlora._transform.dropout import Dropout, dropout_rng
 from jlora._transform.entry import enter_kernel
 from jlora._transform.interpreter import FACTORED, UNUSED, Interpreter, Run
 from jlora._transform.tracing import Traced, abstract_call, trace
-from jlora.adapter import Adapters
 from jlora.layouts import Layout
-from jlora.merging import check_adapters_fit
 
 
 class FactoredFallbackWarning(UserWarning):

@@ -24,9 +24,10 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jlora import paths as paths_lib
+from jlora import _paths as paths_lib
+from jlora._adapter import Adapter
+from jlora._initializers import KernelPlan
 from jlora._transform.factored import CATEGORY, Factored
-from jlora.adapter import Adapter
 from jlora.layouts import Layout, LayoutError, resolve_layout
 
 
@@ -95,10 +96,8 @@ def layouts_for(params, paths) -> dict[str, Layout]:
                 f"collect_inputs: path {path!r} is not a leaf of `params`. Closest: {near}."
             )
         shape = tuple(flat[path].shape)
-        if isinstance(spec, Adapter):
+        if isinstance(spec, (Adapter, KernelPlan)):
             spec = spec.layout
-        elif isinstance(spec, Mapping):  # an entry of jlora.plan(...)
-            spec = spec.get("layout")
         if spec is None:
             try:
                 layout = resolve_layout(path, shape)

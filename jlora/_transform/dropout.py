@@ -21,8 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._initializers import kernel_key
 from jlora._transform.tracing import is_array
-from jlora.initializers import kernel_key
 
 
 @dataclasses.dataclass

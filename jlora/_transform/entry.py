@@ -17,9 +17,9 @@ import math
 
 import jax.numpy as jnp
 
+from jlora._adapter import Adapter
 from jlora._transform.factored import Factored, Meta, dense
 from jlora._variant import get_variant
-from jlora.adapter import Adapter
 from jlora.layouts import Layout
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from jlora import _jax_compat as jc
-from jlora import paths as paths_lib
+from jlora import _paths as paths_lib
 from jlora import quantization as quant_lib
 
 CACHE_SIZE = 32  # traced jaxprs kept per transformed function (one per input signature)

@@ -34,12 +34,12 @@ Example:
   ['dense/kernel']
 """
 
+from jlora._initializers import init_variant_arrays as init_variant_arrays
+from jlora._initializers import orthogonal_factors as orthogonal_factors
 from jlora._variant import Variant as Variant
 from jlora._variant import get_variant as get_variant
 from jlora._variant import register_variant as register_variant
 from jlora._variant import variant_names as variant_names
-from jlora.initializers import init_variant_arrays as init_variant_arrays
-from jlora.initializers import orthogonal_factors as orthogonal_factors
 from jlora.variants._common import randomized_svd as randomized_svd
 from jlora.variants._corda import corda_covariances as corda_covariances
 from jlora.variants._corda import corda_init as corda_init

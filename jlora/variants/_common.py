@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora import paths as paths_lib
-from jlora.adapter import Adapter, Adapters
-from jlora.config import LoraConfig
-from jlora.initializers import init_variant_arrays, kernel_key, plan
+from jlora import _paths as paths_lib
+from jlora._adapter import Adapter, Adapters
+from jlora._config import LoraConfig
+from jlora._initializers import init_variant_arrays, kernel_key, plan
 from jlora.layouts import Layout
 
 __all__ = ["randomized_svd"]
@@ -59,7 +59,7 @@ def factors_from_matrices(a2, b2, layout: Layout, shape, dtype):
 
 def make_adapter(a, b, entry: dict, config: LoraConfig, **overrides) -> Adapter:
     fields: dict[str, Any] = dict(
-        layout=entry["layout"], rank=entry["rank"], alpha=entry["alpha"], scale=entry["scale"],
+        layout=entry.layout, rank=entry.rank, alpha=entry.alpha, scale=entry.scale,
         policy=config.policy_name, variant=config.variant, dropout=float(config.dropout),
     )
     fields.update(overrides)
@@ -73,7 +73,7 @@ def replace_leaves(params, new_leaves: dict):
 
 def check_layouts(planned: dict, init_name: str, *, stacked_ok: bool, embed_ok: bool) -> None:
     for path, entry in planned.items():
-        layout = entry["layout"]
+        layout = entry.layout
         if (layout.kind == "embed" and not embed_ok) or (layout.num_stacked and not stacked_ok):
             what = "an embedding" if layout.kind == "embed" else "a stacked kernel"
             raise ValueError(
@@ -105,11 +105,11 @@ def base_changing_init(
     dtype = jnp.dtype(config.dtype)
     new_kernels, adapters = {}, {}
     for path, entry in planned.items():
-        kernel, layout = flat[path], entry["layout"]
+        kernel, layout = flat[path], entry.layout
         w2 = kernel_matrix(kernel, layout)
         a2, b2 = factor_fn(None if key is None else kernel_key(key, path), path, entry, w2)
         a, b = factors_from_matrices(a2, b2, layout, kernel.shape, dtype)
-        new_kernels[path] = _residual(w2, a2, b2, scale=entry["scale"], dtype=dtype,
+        new_kernels[path] = _residual(w2, a2, b2, scale=entry.scale, dtype=dtype,
                                       layout=layout, shape=tuple(kernel.shape),
                                       out_dtype=kernel.dtype)
         adapters[path] = make_adapter(a, b, entry, config)

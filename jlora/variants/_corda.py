@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import LoraConfig
-from jlora.initializers import plan
+from jlora._config import LoraConfig
+from jlora._initializers import plan
 from jlora.variants._common import base_changing_init, check_config, check_layouts, matmul, swap
 from jlora.variants._data import fan_in_sizes, input_batches
 
@@ -191,7 +191,7 @@ def corda_init(
     return base_changing_init(
         key, params, config,
         lambda k, path, e, w2: _corda_one_jit(w2, jnp.asarray(covariances[path], jnp.float32),
-                                   rank=e["rank"], scale=e["scale"], mode=mode),
+                                   rank=e.rank, scale=e.scale, mode=mode),
     )
 
 

@@ -20,13 +20,13 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import jax.numpy as jnp
 
-from jlora import paths as paths_lib
-from jlora.transform import collect_inputs
+from jlora import _paths as paths_lib
+from jlora._transform.api import collect_inputs
 
 
 def fan_in_sizes(planned: Mapping[str, dict]) -> dict[str, int]:
     """``{path: fan-in size}`` of :func:`jlora.plan` entries (window x in for a conv)."""
-    return {p: math.prod(e["layout"].split_shape(e["shape"])[1]) for p, e in planned.items()}
+    return {p: math.prod(e.layout.split_shape(e.shape)[1]) for p, e in planned.items()}
 
 
 def input_batches(

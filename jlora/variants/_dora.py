@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jlora._adapter import Adapter
 from jlora._variant import Variant, register_variant
-from jlora.adapter import Adapter
 from jlora.layouts import Layout
 
 __all__ = ["DoRA", "dora_merged_kernel", "dora_norm"]

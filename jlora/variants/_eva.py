@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import scaling as scaling_lib
-from jlora.adapter import Adapters
-from jlora.config import LoraConfig
-from jlora.initializers import init_variant_arrays, kernel_key, plan
+from jlora._adapter import Adapters
+from jlora._config import LoraConfig
+from jlora._initializers import init_variant_arrays, kernel_key, plan
 from jlora.variants._common import (
     check_config,
     check_layouts,
@@ -216,8 +216,8 @@ def eva_init(
     if rho > 1000:  # PEFT's ceiling for very large rho
         max_dim = max(max(getattr(x, "shape", ()) or (0,)) for x in jax.tree.leaves(params))
         rho = min(rho, max_dim // config.rank)
-    max_components = {p: min(round(e["rank"] * rho), fan_in[p]) for p, e in planned.items()}
-    budget = sum(e["rank"] for e in planned.values())
+    max_components = {p: min(round(e.rank * rho), fan_in[p]) for p, e in planned.items()}
+    budget = sum(e.rank for e in planned.values())
 
     stream = input_batches(params, planned, inputs=inputs, fn=fn, batches=batches,
                            init_name="eva")
@@ -286,12 +286,12 @@ def eva_init(
         u = state.components[:rank]
         if whiten:
             u = u / jnp.sqrt(state.singular_values[:rank])[:, None]
-        layout, shape = entry["layout"], entry["shape"]
+        layout, shape = entry.layout, entry.shape
         n_out = math.prod(layout.split_shape(shape)[2])
         a, b = factors_from_matrices(u.T, jnp.zeros((rank, n_out)), layout, shape, dtype)
-        alpha = entry["alpha"]
-        if rank != entry["rank"] and adjust_scaling_factors:
-            alpha = alpha * rank / entry["rank"]
+        alpha = entry.alpha
+        if rank != entry.rank and adjust_scaling_factors:
+            alpha = alpha * rank / entry.rank
         scale = scaling_lib.compute_scale(config._policy, rank, alpha, path=path)
         adapters[path] = make_adapter(a, b, entry, config, rank=rank, alpha=alpha, scale=scale)
     return init_variant_arrays(params, adapters)

@@ -10,7 +10,7 @@
 
 Both work on the kernel's matrix view, so the kernel's axes may come in any order.
 (The orthogonal init needs no base change: it runs inside :func:`jlora.init`, see
-:func:`jlora.initializers.orthogonal_factors`.)
+:func:`jlora._initializers.orthogonal_factors`.)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jlora.config import LoraConfig
+from jlora._config import LoraConfig
 from jlora.variants._common import (
     base_changing_init,
     check_config,
@@ -78,7 +78,7 @@ def pissa_init(key: jax.Array, params, config: LoraConfig, *, niter: int | None 
         raise ValueError("`niter` (a randomized SVD) needs a random `key`, got key=None.")
     return base_changing_init(
         key, params, config,
-        lambda k, path, e, w2: _pissa_factors(k, w2, rank=e["rank"], scale=e["scale"],
+        lambda k, path, e, w2: _pissa_factors(k, w2, rank=e.rank, scale=e.scale,
                                               niter=niter),
     )
 
@@ -116,4 +116,4 @@ def olora_init(key: jax.Array, params, config: LoraConfig):
     """
     check_config(config, "olora")
     return base_changing_init(key, params, config,
-                              lambda k, p, e, w2: _olora_factors(w2, rank=e["rank"]))
+                              lambda k, p, e, w2: _olora_factors(w2, rank=e.rank))

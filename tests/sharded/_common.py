@@ -126,7 +126,7 @@ def make_step(model: LM):
 
     def step(trainable, opt_state, frozen, toks):
         def loss_fn(trainable):
-            params = jlora.merge_trainable(frozen, trainable)
+            params = jlora.merge_trainable(trainable, frozen)
             logits = model.apply({"params": params}, toks)
             return optax.softmax_cross_entropy_with_integer_labels(
                 logits[:, :-1], toks[:, 1:]

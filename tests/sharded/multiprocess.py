@@ -69,7 +69,7 @@ def run(process_id: int, num_processes: int, port: int) -> dict:
         ref_losses, ref = run_steps(jax.jit(step), trainable, opt.init(trainable), frozen, toks)
 
         param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)
-        mask = jlora.optim.trainable_mask(host, adapters, bias="lora_only")
+        mask = jlora.trainable_mask(host, adapters, bias="lora_only")
         trainable_sh = {
             "adapters": jlora.adapter_shardings(adapters, param_sh),
             "params": jax.tree.map(lambda keep, s: s if keep else None, mask, param_sh),
@@ -98,9 +98,9 @@ def run(process_id: int, num_processes: int, port: int) -> dict:
         losses = [float(x) for x in losses]
 
         # This process's shards of the updated trainable tree against the reference.
-        flat_ref = jlora.paths.select(ref, ".*")
+        flat_ref = jlora.select(ref, ".*")
         checked = 0
-        for path, x in jlora.paths.select(out, ".*").items():
+        for path, x in jlora.select(out, ".*").items():
             want = np.asarray(flat_ref[path])
             for shard in x.addressable_shards:
                 np.testing.assert_allclose(np.asarray(shard.data), want[shard.index],

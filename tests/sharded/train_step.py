@@ -48,7 +48,7 @@ def make_mesh():
 
 def specs_of(shardings) -> dict:
     """{factor path: spec} of an adapters/trainable tree of NamedShardings."""
-    return jlora.paths.tree_map_with_path(lambda p, s: s.spec, shardings)
+    return jlora.tree_map_with_path(lambda p, s: s.spec, shardings)
 
 
 @functools.cache
@@ -150,8 +150,8 @@ def check_explicit_mesh_merge():
         out_sh = jlora.adapter_shardings(abstract, param_sh)
         adapters = jax.jit(jlora.init, static_argnums=2, out_shardings=out_sh)(
             jax.random.key(1), params, config)
-        merged = jlora.paths.select(jax.jit(jlora.merge)(params, adapters), ".*")
-        kernels = jlora.paths.select(params, ".*")
+        merged = jlora.select(jax.jit(jlora.merge)(params, adapters), ".*")
+        kernels = jlora.select(params, ".*")
         for path in adapters:
             assert merged[path].sharding.spec == kernels[path].sharding.spec, (
                 path, merged[path].sharding.spec, kernels[path].sharding.spec)
@@ -173,7 +173,7 @@ def check_train_step(scanned: bool):
 
     # Sharded: adapters like their kernels, extras (the adapted modules' biases) like
     # themselves, the batch over `data`, the optimizer state like what it mirrors.
-    mask = jlora.optim.trainable_mask(host, adapters, bias="lora_only")
+    mask = jlora.trainable_mask(host, adapters, bias="lora_only")
     extra_sh = jax.tree.map(lambda keep, s: s if keep else None, mask, param_sh)
     frozen_sh = jax.tree.map(lambda keep, s: None if keep else s, mask, param_sh)
     trainable_sh = {
@@ -199,9 +199,9 @@ def check_train_step(scanned: bool):
 
     np.testing.assert_allclose(np.array(losses), np.array(ref_losses), rtol=RTOL, atol=ATOL)
     assert len(set(np.round(np.array(ref_losses), 4))) == len(ref_losses), "loss did not move"
-    flat_out = jlora.paths.select(out, ".*")
-    flat_ref = jlora.paths.select(ref_trainable, ".*")
-    flat_sh = jlora.paths.select(trainable_sh, ".*")
+    flat_out = jlora.select(out, ".*")
+    flat_ref = jlora.select(ref_trainable, ".*")
+    flat_sh = jlora.select(trainable_sh, ".*")
     assert flat_out.keys() == flat_ref.keys()
     for path, x in flat_out.items():
         np.testing.assert_allclose(np.asarray(x), np.asarray(flat_ref[path]), rtol=RTOL, atol=ATOL,
@@ -209,7 +209,7 @@ def check_train_step(scanned: bool):
         assert x.sharding.is_equivalent_to(flat_sh[path], x.ndim), (path, x.sharding)
     # The step really trained both factors and the biases.
     for path, x in flat_ref.items():
-        before = np.asarray(jlora.paths.select(trainable, ".*")[path])
+        before = np.asarray(jlora.select(trainable, ".*")[path])
         assert not np.array_equal(np.asarray(x), before), f"{path} did not change"
     return [float(x) for x in losses]
 
@@ -241,8 +241,8 @@ def check_factored_step():
     got = jax.jit(jax.value_and_grad(loss_factored), in_shardings=in_sh, out_shardings=out_sh)(
         *args)
     np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=RTOL, atol=ATOL)
-    for (path, g), r in zip(jlora.paths.select(got[1], ".*").items(),
-                            jlora.paths.select(ref[1], ".*").values(), strict=True):
+    for (path, g), r in zip(jlora.select(got[1], ".*").items(),
+                            jlora.select(ref[1], ".*").values(), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=RTOL, atol=ATOL,
                                    err_msg=path)
 

@@ -1,0 +1,194 @@
+"""Export: jlora adapters -> a PEFT directory."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import re
+
+import jax
+import numpy as np
+
+from jlora._adapter import Adapters, check_adapters
+from jlora._files import (
+    safetensors_bytes,
+    write_dir_atomic,
+)
+from jlora._version import __version__
+from jlora.peft._config import _alpha_for_scale, _json_number, _most_common, _peft_scale
+from jlora.peft._format import CONFIG_NAME, METADATA_KEY, PREFIX, WEIGHTS_NAME, Names
+from jlora.peft._names import _check_names_arg, _name_table, _template
+from jlora.peft._tensors import _layer, _peft_shapes, _to_peft
+
+
+def _pattern_key(modules: list[tuple[tuple, str]], template: str, stacked) -> str:
+    """A rank/alpha_pattern key that PEFT matches against exactly these modules."""
+    if not stacked:
+        return "^" + re.escape(template)
+    # Fill the placeholders ("{}" or "{0}") with markers, then put an alternation of the
+    # indices of that axis where each marker is.
+    pieces = re.split("\0(\\d+)\0", template.format(*(f"\0{i}\0" for i in range(len(stacked)))))
+    out = "^" + re.escape(pieces[0])
+    for axis, piece in zip(pieces[1::2], pieces[2::2], strict=True):
+        values = sorted({idx[int(axis)] for idx, _ in modules})
+        out += "(?:" + "|".join(str(v) for v in values) + ")" + re.escape(piece)
+    return out
+
+
+def save(
+    path: str | os.PathLike,
+    adapters: Adapters,
+    *,
+    names: Names = None,
+    base_model_name_or_path: str | None = None,
+) -> pathlib.Path:
+    """Write ``adapters`` as a PEFT LoRA adapter directory (loadable by
+    ``PeftModel.from_pretrained``), atomically.
+
+    The files are written into a temporary directory beside ``path`` and renamed into
+    place; an existing directory holding only a PEFT adapter is replaced, one holding
+    anything else is refused.
+
+    Args:
+      path: the adapter directory to create or replace.
+      adapters: ``{kernel path: Adapter}`` (all ``"lora"`` or all ``"dora"``, with one
+        dropout rate: PEFT has one ``use_dora`` and one ``lora_dropout``).
+      names: module names for paths the default naming does not fit (see the module
+        docstring): a callable ``path -> name or None`` or a dict ``{path: name}``.
+      base_model_name_or_path: written into the config for ``PeftModel.from_pretrained``.
+
+    Returns:
+      ``path`` as a ``pathlib.Path``.
+
+    Example:
+      >>> import tempfile, json, jax, jax.numpy as jnp, jlora
+      >>> params = {"layers": {"mlp": {"kernel": jnp.ones((3, 8, 4))}}}
+      >>> cfg = jlora.LoraConfig(rank=2, alpha=4.0, layouts={"layers/mlp/kernel": "sio"})
+      >>> ads = jlora.init(jax.random.key(0), params, cfg)
+      >>> out = jlora.peft.save(tempfile.mkdtemp() + "/peft", ads)
+      >>> config = json.loads((out / "adapter_config.json").read_text())
+      >>> config["target_modules"], config["r"], config["lora_alpha"]
+      (['layers.0.mlp', 'layers.1.mlp', 'layers.2.mlp'], 2, 4)
+    """
+    config, tensors, metadata = export(
+        adapters, names=names, base_model_name_or_path=base_model_name_or_path
+    )
+    host = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
+    files = {
+        WEIGHTS_NAME: safetensors_bytes(host, metadata),
+        CONFIG_NAME: (json.dumps(config, indent=2, allow_nan=False) + "\n").encode(),
+    }
+    return write_dir_atomic(path, files, what="a PEFT adapter")
+
+
+def export(
+    adapters: Adapters,
+    *,
+    names: Names = None,
+    base_model_name_or_path: str | None = None,
+) -> tuple[dict, dict, dict]:
+    """What :func:`save` writes, in memory: ``(adapter_config, tensors, file metadata)``.
+
+    The tensors are computed with ``jax.numpy`` from the factors, so ``export`` also runs
+    on abstract adapters under ``jax.eval_shape`` (PEFT key names and shapes of a 7B model
+    without allocating it) and inside ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> params = {"proj": {"kernel": jnp.ones((8, 4))}}
+      >>> ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2))
+      >>> config, tensors, _ = jlora.peft.export(ads)
+      >>> {k: v.shape for k, v in tensors.items()}
+      {'base_model.model.proj.lora_A.weight': (2, 8), 'base_model.model.proj.lora_B.weight': (4, 2)}
+    """
+    check_adapters(adapters)
+    if not adapters:
+        raise ValueError("`adapters` is empty: there is nothing to export.")
+    variants = {ad.variant for ad in adapters.values()}
+    if len(variants) > 1:
+        dora = sorted(p for p, ad in adapters.items() if ad.variant == "dora")
+        raise ValueError(
+            f"PEFT has one `use_dora` per adapter, but these adapters mix variants "
+            f"{sorted(variants)} (DoRA at {dora}). Export the two groups as separate adapters."
+        )
+    dropouts = {ad.dropout for ad in adapters.values()}
+    if len(dropouts) > 1:
+        raise ValueError(
+            f"PEFT has one `lora_dropout` per adapter, but these adapters use {sorted(dropouts)}. "
+            "Give them one rate with adapter.replace(dropout=...)."
+        )
+    _check_names_arg(names, list(adapters), "a path of `adapters`")
+
+    kernels = []
+    for p, ad in adapters.items():
+        ns = ad.layout.num_stacked  # the factors lead with the stacked axes, in layout order
+        kernels.append((p, _template(p, ns, names), tuple(ad.a.shape[:ns])))
+    table = _name_table(kernels)
+    modules = collections.defaultdict(list)
+    for name, (p, idx) in table.items():
+        modules[p].append((idx, name))
+
+    policies = [ad.policy for ad in adapters.values() if ad.policy in ("standard", "rslora")]
+    use_rslora = policies.count("rslora") > policies.count("standard")
+    global_policy = "rslora" if use_rslora else "standard"
+    written_alpha, extra = {}, {}
+    for p, ad in adapters.items():
+        if ad.variant == "dora" and ad.magnitude is None:
+            raise ValueError(f"The DoRA adapter at path {p!r} has no magnitude.")
+        alpha = float(ad.alpha)
+        if _peft_scale(ad.rank, alpha, use_rslora) != ad.scale:
+            alpha = _alpha_for_scale(ad.scale, ad.rank, use_rslora)
+        if ad.policy != global_policy or alpha != ad.alpha:
+            # PEFT's config cannot say this; jlora's metadata beside the tensors can.
+            for _, name in modules[p]:
+                extra[name] = {"policy": ad.policy, "alpha": ad.alpha, "scale": ad.scale}
+        written_alpha[p] = alpha
+    r = _most_common([ad.rank for ad in adapters.values()])
+    lora_alpha = _most_common(list(written_alpha.values()))
+    rank_pattern, alpha_pattern = {}, {}
+    for p, template, stacked in kernels:
+        key = _pattern_key(modules[p], template, stacked)
+        if adapters[p].rank != r:
+            rank_pattern[key] = adapters[p].rank
+        if written_alpha[p] != lora_alpha:
+            alpha_pattern[key] = _json_number(written_alpha[p])
+
+    tensors = {}
+    for p, ad in adapters.items():
+        inner, layer_shape, _ = _layer(ad.layout, ad.kernel_shape)
+        keys = _peft_shapes(inner, layer_shape, ad.rank)
+        for idx, name in modules[p]:
+            m = None if ad.magnitude is None else ad.magnitude[idx]
+            big_a, big_b, mag = _to_peft(inner, ad.a[idx], ad.b[idx], m)
+            tensors[f"{PREFIX}{name}.{keys['a_key']}"] = big_a
+            tensors[f"{PREFIX}{name}.{keys['b_key']}"] = big_b
+            if ad.variant == "dora":
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": int(r),
+        "lora_alpha": _json_number(lora_alpha),
+        "lora_dropout": float(dropouts.pop()),
+        "use_rslora": use_rslora,
+        "use_dora": variants.pop() == "dora",
+        "target_modules": sorted(table),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    metadata = {"format": "pt"}  # what PEFT writes; PEFT ignores other entries
+    if extra:
+        metadata[METADATA_KEY] = json.dumps({"version": __version__, "modules": extra})
+    return config, tensors, metadata

@@ -156,7 +156,7 @@ def test_dora_merge_gradients_equal_canonical(axes, shape):
 @pytest.fixture
 def tiny_slices(monkeypatch):
     """A slice budget of 12 float32 values, so every merge goes slice by slice."""
-    monkeypatch.setattr(jlora.merging, "MAX_UPDATE_BYTES", 48)
+    monkeypatch.setattr(jlora._merging, "MAX_UPDATE_BYTES", 48)
     jax.clear_caches()  # traces of merge made under the default budget must not be reused
     yield
     monkeypatch.undo()

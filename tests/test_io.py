@@ -1,4 +1,4 @@
-"""Native save/load (`jlora.save`, `jlora.load`, `jlora.io`).
+"""Native save/load (`jlora.save`, `jlora.load`).
 
 Round trips are checked bit for bit on every layout (dense, DenseGeneral, stacked, conv,
 embedding), DoRA, bfloat16 and a custom policy; the merged weights of the loaded
@@ -169,11 +169,8 @@ def test_safetensors_helpers_round_trip_every_float_dtype(tmp_path, dtype):
     np.testing.assert_array_equal(tensors["i"], ints)
     assert meta == {"k": "v"}
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
-    # jlora.io keeps the names it had before jlora.files existed.
-    assert (io.read_safetensors, io.write_safetensors) == (files.read_safetensors,
-                                                          files.write_safetensors)
-    with pytest.raises(io.AdapterFormatError, match=r"No such safetensors file: '.*nowhere'"):
-        io.read_safetensors(tmp_path / "nowhere")
+    with pytest.raises(jlora.AdapterFormatError, match=r"No such safetensors file: '.*nowhere'"):
+        files.read_safetensors(tmp_path / "nowhere")
 
 
 # -- layouts: any axis order, guessed or given -------------------------------------------------

@@ -1,5 +1,5 @@
-"""`jlora.optim`: what is trained (adapters + modules_to_save + biases), how it is put
-back, labels for optax, and LoRA+.
+"""Training helpers (`jlora.split_trainable`, ...): what is trained (adapters +
+modules_to_save + biases), how it is put back, labels for optax, and LoRA+.
 
 Gradients and updates are checked against direct numpy computations, with and without
 jit.

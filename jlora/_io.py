@@ -70,6 +70,7 @@ from jlora._files import write_bytes_atomic as write_bytes_atomic
 from jlora._files import write_safetensors as write_safetensors
 from jlora._initializers import check_kernel_leaf
 from jlora._merging import check_adapters_fit
+from jlora._variant import get_variant, variant_names
 from jlora._version import __version__
 from jlora.layouts import Layout, LayoutError
 
@@ -98,7 +99,6 @@ WEIGHTS_NAME = "jlora_adapter.safetensors"
 
 FIELDS = ("a", "b", "magnitude")
 POLICIES = ("standard", "rslora", "custom")
-VARIANTS = ("lora", "dora")
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CUSTOM_NOTE = (
     "custom scaling policy: the callable itself is not saved; `scale` is its value for "
@@ -213,7 +213,7 @@ def _parse_kernel(path: str, entry: Any, where: str) -> dict:
     alpha = _require(entry, "alpha", numbers.Real, where, "a positive number")
     policy = _require(entry, "policy", str, where, f"one of {POLICIES}")
     scale = _require(entry, "scale", numbers.Real, where, "a positive number")
-    variant = _require(entry, "variant", str, where, f"one of {VARIANTS}")
+    variant = _require(entry, "variant", str, where, f"one of {variant_names()}")
     dropout = _require(entry, "dropout", numbers.Real, where, "a number in [0, 1)")
     kernel_shape = _shape(
         _require(entry, "kernel_shape", list, where, "the kernel's shape"), where, "kernel_shape"
@@ -225,8 +225,11 @@ def _parse_kernel(path: str, entry: Any, where: str) -> dict:
         raise AdapterFormatError(f"{where} has scale={scale}; expected a positive number.")
     if not 0.0 <= float(dropout) < 1.0:
         raise AdapterFormatError(f"{where} has dropout={dropout}; expected a number in [0, 1).")
-    if variant not in VARIANTS:
-        raise AdapterFormatError(f"{where} has variant {variant!r}; expected one of {VARIANTS}.")
+    if variant not in variant_names():
+        raise AdapterFormatError(
+            f"{where} has variant {variant!r}; expected one of {variant_names()} (a variant "
+            "registered with jlora.variants.register_variant before loading)."
+        )
     _check_scale(policy, rank, float(alpha), float(scale), where)
     if len(kernel_shape) != layout.ndim:
         raise AdapterFormatError(
@@ -234,10 +237,8 @@ def _parse_kernel(path: str, entry: Any, where: str) -> dict:
             f"{axes!r} describes {layout.ndim}."
         )
     a_shape, b_shape = layout.factor_shapes(kernel_shape, rank)
-    stacked, _, fan_out = layout.split_shape(kernel_shape)
     expected = {"a": a_shape, "b": b_shape}
-    if variant == "dora":
-        expected["magnitude"] = (*stacked, *fan_out)
+    expected.update(get_variant(variant).extra_shapes(layout, kernel_shape))
     unknown = sorted(set(tensors) - set(FIELDS))
     if unknown:
         raise AdapterFormatError(f"{where} lists unknown tensors {unknown}; expected {FIELDS}.")

@@ -38,7 +38,7 @@ def summary(params, adapters: Adapters) -> str:
     for path, ad in adapters.items():
         rows.append((
             path, "x".join(map(str, ad.kernel_shape)), ad.layout.axes, str(ad.rank),
-            f"{ad.alpha:g}", ad.policy + ("+dora" if ad.variant == "dora" else ""),
+            f"{ad.alpha:g}", ad.policy + ("" if ad.variant == "lora" else f"+{ad.variant}"),
             f"{ad.scale:.4g}", f"{ad.num_params:,}",
         ))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

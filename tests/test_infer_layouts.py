@@ -437,7 +437,7 @@ def test_result_goes_into_lora_config_and_adapts_the_right_axes():
 
 
 def _guess_check(fn, params, *args):
-    closed, input_paths = li._trace(fn, params, args, {})
+    closed, input_paths = li._infer._trace(fn, params, args, {})
     guessed = {path: jlora.layouts.infer_layout(path, params[path].shape) for path in params}
     return li.check_guessed_layouts(closed, input_paths, guessed)
 
@@ -482,7 +482,7 @@ def test_guesses_that_agree_with_the_model_pass():
 
 
 def test_only_guessed_layouts_are_checked():
-    closed, input_paths = li._trace(lambda p, x: x @ p["w"].T, {"w": S((6, 4), F32)},
+    closed, input_paths = li._infer._trace(lambda p, x: x @ p["w"].T, {"w": S((6, 4), F32)},
                                     (S((2, 4), F32),), {})
     assert li.check_guessed_layouts(closed, input_paths, {"w": Layout("io")}) == {}
     found = li.read_kernel_uses(closed, input_paths, ["w"])

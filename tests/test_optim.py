@@ -101,7 +101,7 @@ def test_split_trainable_structure(params, adapters):
 def test_merge_trainable_round_trip_at_init(params, jit):
     fresh = jlora.init(jax.random.key(0), params, CONFIG)  # B == 0
     trainable, frozen = split_trainable(params, fresh, modules_to_save="head/.*", bias="all")
-    back = maybe_jit(merge_trainable, jit)(frozen, trainable)
+    back = maybe_jit(merge_trainable, jit)(trainable, frozen)
     assert jax.tree.structure(back) == jax.tree.structure(params)
     for path, leaf in jlora.select(params, ".*").items():
         np.testing.assert_array_equal(jlora.select(back, ".*")[path], leaf, err_msg=path)
@@ -113,7 +113,7 @@ def test_merge_trainable_puts_trained_leaves_back(params, adapters, jit):
                                         bias="lora_only")
     # "Train": change every trainable leaf.
     trained = jax.tree.map(lambda x: x * 1.5 + 0.25, trainable)
-    merged = maybe_jit(merge_trainable, jit)(frozen, trained)
+    merged = maybe_jit(merge_trainable, jit)(trained, frozen)
     p = jax.tree.map(np.asarray, params)
     t = jax.tree.map(np.asarray, trained)
     for name in ("enc", "mid"):
@@ -224,7 +224,7 @@ def test_modules_to_save_errors(params, adapters):
 def test_merge_trainable_rejects_other_trees(params, adapters):
     with pytest.raises(TypeError, match=r"`trainable` must be the dict \{'adapters': ..., "
                                         r"'params': ...\}.*got \['enc/kernel', 'mid/kernel'\]"):
-        merge_trainable(params, adapters)
+        merge_trainable(adapters, params)
 
 
 # -- labels ---------------------------------------------------------------------------

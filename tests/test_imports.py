@@ -92,3 +92,18 @@ def test_the_walk_sees_the_package():
     assert len(MODULES) > 30
     assert "jlora.layouts" in graph["jlora._adapter"]
     assert "jlora._transform.api" in graph["jlora"]
+
+
+# A module holds one concern and a class one idea: past these sizes, split it.
+MAX_MODULE_LINES = 550
+MAX_CLASS_LINES = 220
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_and_classes_stay_small(module):
+    source = MODULES[module].read_text()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{module}: {source.count(chr(10))} lines"
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef):
+            size = (node.end_lineno or node.lineno) - node.lineno + 1
+            assert size <= MAX_CLASS_LINES, f"{module}.{node.name}: {size} lines"

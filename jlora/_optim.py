@@ -2,10 +2,12 @@
 
 LoRA trains the adapters and freezes the base model. Some fine-tunes also train a few
 base parameters in full: a new classification head (PEFT's ``modules_to_save``) or the
-biases (PEFT's ``bias="all"`` / ``"lora_only"``). :func:`split_trainable` cuts ``params``
-into the trainable part and the frozen rest, :func:`merge_trainable` puts them back
-(with the adapters merged), so ``jax.grad`` and the optimizer only ever see the trained
-arrays and any optax chain works unchanged::
+biases (PEFT's ``bias="all"`` / ``"lora_only"``); or part of a frozen leaf: a bias on
+``lora_B`` (PEFT's ``lora_bias``, a :class:`jlora.peft.LoraBias`) or a few tokens'
+embeddings (PEFT's ``trainable_token_indices``, a :class:`jlora.peft.TrainableTokens`).
+:func:`split_trainable` cuts ``params`` into the trainable part and the frozen rest,
+:func:`merge_trainable` puts them back (with the adapters merged), so ``jax.grad`` and
+the optimizer only ever see the trained arrays and any optax chain works unchanged::
 
   trainable, frozen = jlora.split_trainable(params, adapters, bias="lora_only")
   opt = jlora.lora_plus(optax.adamw(1e-4), ratio=16.0)
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,6 +40,7 @@ from jlora import _deprecation as deprecation
 from jlora import _merging as merging
 from jlora import _paths as paths_lib
 from jlora._adapter import Adapters, is_adapter
+from jlora._leaf_updates import LoraBias, TrainableTokens, apply_leaf_updates, bias_beside
 
 __all__ = [
     "BIAS_MODES",
@@ -82,7 +85,7 @@ def _bias_paths(flat: dict[str, Any], adapters: Adapters, bias: str) -> list[str
             )
         return found
     # "lora_only": the bias that sits next to each adapted kernel, in the same module.
-    wanted = [f"{p.rpartition('/')[0]}/bias" if "/" in p else "bias" for p in adapters]
+    wanted = [bias_beside(p) for p in adapters]
     found = [p for p in dict.fromkeys(wanted) if p in flat]
     if not found:
         listing = ", ".join(repr(p) for p in wanted[:5])
@@ -156,42 +159,140 @@ def split_trainable(
     *,
     modules_to_save: str | Sequence[str] | None = None,
     bias: str = "none",
+    lora_bias: bool = False,
+    trainable_tokens: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[dict, Any]:
     """Split into ``(trainable, frozen)``: what the optimizer updates, and the rest.
 
     Args:
       params, adapters, modules_to_save, bias: as in :func:`trainable_mask`.
+      lora_bias: PEFT's ``lora_bias``: train a bias on each adapter's ``B``, added to the
+        bias next to the adapted kernel with the adapter's scale (a
+        :class:`~jlora.peft.LoraBias`, starting at zero). Every adapted kernel needs such
+        a bias, and DoRA and embedding adapters have none (as in PEFT).
+      trainable_tokens: PEFT's ``trainable_token_indices``: ``{path: token ids}`` of
+        2-D tables that are not adapted; only those tokens' vectors are trained (a
+        :class:`~jlora.peft.TrainableTokens`): the rows of a leaf named ``embedding``,
+        else the columns of a kernel stored ``(features, vocab)``.
 
     Returns:
       ``trainable = {"adapters": adapters, "params": extra}`` where ``extra`` has the
-      structure of ``params`` with the leaves trained in full and ``None`` elsewhere; and
-      ``frozen``, ``params`` with ``None`` at those leaves. Differentiate and optimize
-      ``trainable``; :func:`merge_trainable` rebuilds the model's params.
+      structure of ``params`` with the leaves trained in full, the partial updates
+      (:class:`~jlora.peft.LoraBias`, :class:`~jlora.peft.TrainableTokens`) and ``None``
+      elsewhere; and ``frozen``, ``params`` with ``None`` at the leaves trained in full.
+      Differentiate and optimize ``trainable``; :func:`merge_trainable` rebuilds the
+      model's params.
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
-      >>> params = {"enc": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)}}
-      >>> ads = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2))
+      >>> params = {"enc": {"kernel": jnp.ones((4, 4)), "bias": jnp.zeros(4)},
+      ...           "emb": {"embedding": jnp.ones((10, 4))}}
+      >>> config = jlora.LoraConfig(rank=2, targets="enc/kernel")
+      >>> ads = jlora.init(jax.random.key(0), params, config)
       >>> trainable, frozen = split_trainable(params, ads, bias="all")
       >>> jlora.leaf_paths(trainable)
       ['adapters/enc/kernel/a', 'adapters/enc/kernel/b', 'params/enc/bias']
       >>> frozen["enc"]["bias"] is None
       True
+      >>> trainable, _ = split_trainable(params, ads, lora_bias=True,
+      ...                                trainable_tokens={"emb/embedding": [3, 7]})
+      >>> jlora.leaf_paths(trainable["params"])
+      ['emb/embedding/values', 'enc/bias/delta']
     """
     flags = trainable_mask(params, adapters, modules_to_save=modules_to_save, bias=bias)
-    extra = jax.tree.map(lambda keep, x: x if keep else None, flags, params)
+    flat = paths_lib.select(params, ".*", allow_empty=True)
+    trained = {p for p, keep in paths_lib.select(flags, ".*", allow_empty=True).items() if keep}
+    updates = _lora_biases(flat, adapters, trained) if lora_bias else {}
+    updates.update(_token_rows(flat, adapters, trained, trainable_tokens))
+    extra = paths_lib.tree_map_with_path(
+        lambda p, keep, x: updates.get(p, x if keep else None), flags, params)
     frozen = jax.tree.map(lambda keep, x: None if keep else x, flags, params)
     return {ADAPTERS_KEY: adapters, PARAMS_KEY: extra}, frozen
+
+
+def _lora_biases(flat: dict, adapters: Adapters, trained: set[str]) -> dict[str, LoraBias]:
+    """A zero :class:`LoraBias` on the bias next to every adapted kernel."""
+    out = {}
+    for path, ad in adapters.items():
+        if ad.variant != "lora" or ad.layout.kind == "embed":
+            what = "an embedding" if ad.layout.kind == "embed" else f"a {ad.variant} adapter"
+            raise ValueError(
+                f"`lora_bias=True`, but the kernel at path {path!r} has {what}: PEFT's lora_bias "
+                "exists for plain LoRA on Linear and Conv modules only. Leave lora_bias off, or "
+                "train the bias in full with bias='lora_only'."
+            )
+        bias_path = bias_beside(path)
+        leaf = flat.get(bias_path)
+        stacked, _, fan_out = ad.layout.split_shape(ad.kernel_shape)
+        if leaf is None or tuple(getattr(leaf, "shape", ())) != (*stacked, *fan_out):
+            found = "nothing" if leaf is None else f"shape {tuple(getattr(leaf, 'shape', ()))}"
+            raise ValueError(
+                f"`lora_bias=True` needs a bias of shape {(*stacked, *fan_out)} at path "
+                f"{bias_path!r}, next to the adapted kernel at path {path!r}, but found "
+                f"{found}. Leave lora_bias off, or leave that kernel out of the adapters."
+            )
+        out[bias_path] = LoraBias(
+            delta=jnp.zeros(leaf.shape, ad.b.dtype), scale=ad.scale,
+            bias=leaf if bias_path in trained else None)
+    return out
+
+
+def _token_rows(flat: dict, adapters: Adapters, trained: set[str],
+                trainable_tokens: Mapping[str, Sequence[int]] | None) -> dict:
+    """A :class:`TrainableTokens` holding the current vectors for every entry of
+    ``trainable_tokens``."""
+    if trainable_tokens is None:
+        return {}
+    if not isinstance(trainable_tokens, Mapping):
+        raise TypeError(
+            f"`trainable_tokens` must be a dict {{path: token ids}}, got {trainable_tokens!r}."
+        )
+    out = {}
+    for path, ids in trainable_tokens.items():
+        if path not in flat:
+            near = ", ".join(repr(p) for p in paths_lib.nearest_paths(str(path), flat, n=3))
+            raise ValueError(
+                f"`trainable_tokens` names path {path!r}, which is not a leaf of params. "
+                f"Closest: {near}."
+            )
+        leaf = flat[path]
+        shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None)
+        why = None
+        if len(shape) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            why = f"it has shape {shape} and dtype {dtype}; expected a 2-D floating table"
+        elif path in adapters:
+            why = ("it also has an adapter, and PEFT's trainable tokens replace the table's "
+                   "entries under the adapter")
+        elif path in trained:
+            why = "it is also trained in full (modules_to_save or bias)"
+        axis = 0 if path.rpartition("/")[2] == "embedding" else 1
+        ids = list(ids) if isinstance(ids, Sequence) and not isinstance(ids, str) else ids
+        if why is None and not (
+                isinstance(ids, list) and ids
+                and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids)
+                and len(set(ids)) == len(ids) and all(0 <= int(i) < shape[axis] for i in ids)):
+            why = (f"its token ids {ids!r} must be distinct ints in [0, {shape[axis]}) (the "
+                   f"size of axis {axis})")
+        if why:
+            raise ValueError(f"`trainable_tokens` cannot train tokens of the leaf at path "
+                             f"{path!r}: {why}.")
+        indices = tuple(int(i) for i in ids)
+        values = jnp.moveaxis(jnp.asarray(leaf), axis, 0)[jnp.asarray(indices, jnp.int32)]
+        out[path] = TrainableTokens(values=values, indices=indices, axis=axis)
+    return out
 
 
 def _is_trainable_half(x) -> bool:
     return isinstance(x, dict) and set(x) == {ADAPTERS_KEY, PARAMS_KEY}
 
 
-def merge_trainable(trainable: dict, frozen):
+def merge_trainable(trainable: dict, frozen, *, merge_adapters: bool = True):
     """The model's params from :func:`split_trainable`'s halves, in the order it returns
-    them: extras put back, adapters merged (``W + s·A@B``). Pure and jittable; use it
-    inside the loss.
+    them: extras put back (partial updates applied to their frozen leaves), adapters
+    merged (``W + s·A@B``). Pure and jittable; use it inside the loss.
+
+    With ``merge_adapters=False`` the adapters are left out: the params to pass to
+    ``jlora.lora(fn)(params, trainable["adapters"], ...)``.
 
     The old order ``merge_trainable(frozen, trainable)`` still works for one release, with
     a ``DeprecationWarning`` (the two halves are told apart by their structure).
@@ -215,8 +316,8 @@ def merge_trainable(trainable: dict, frozen):
             "`trainable` must be the dict {'adapters': ..., 'params': ...} that "
             f"split_trainable returns, got {got}."
         )
-    params = paths_lib.combine(trainable[PARAMS_KEY], frozen)
-    return merging.merge(params, trainable[ADAPTERS_KEY])
+    params = apply_leaf_updates(trainable[PARAMS_KEY], frozen)
+    return merging.merge(params, trainable[ADAPTERS_KEY]) if merge_adapters else params
 
 
 def trainable_labels(tree):

@@ -45,6 +45,10 @@ and PEFT's merged weights. For ``gpt2`` the jlora side reads the layouts with
 transformers is missing) and also computes the Flax model's logits, factored
 (``jlora.lora``) and merged, which must equal PEFT's. It exits non-zero if any differs
 by more than 1e-5.
+
+Both modes also run the cases of scripts/peft_convert_fixtures.py (tests/test_peft_convert.py
+and tests/test_peft_moe.py: fused and split projections, name templates, PiSSA / OLoRA /
+CorDA conversion, ``target_parameters``); see that module.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ import tempfile
 import traceback
 
 import numpy as np
+import peft_convert_fixtures as convert_fixtures  # the cases of test_peft_convert/_moe
+import peft_loftq_fixture as loftq_fixture  # the fixture of test_loftq
 import safetensors.numpy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +98,13 @@ EMBED = [
 ]
 DORA = EMBED + [{"torch": "conv", "flax": "params/conv", "kind": "conv"}]
 STACKED = [{"torch": "layers.{}.proj", "flax": "params/layers/proj", "kind": "linear", "stack": 3}]
+# A language model with a classifier head: embedding, one layer, output projection.
+LM = [
+    {"torch": "embed_tokens", "flax": "params/embed_tokens", "kind": "embedding"},
+    {"torch": "fc", "flax": "params/fc", "kind": "linear"},
+    {"torch": "lm_head", "flax": "params/lm_head", "kind": "linear"},
+    {"torch": "score", "flax": "params/score", "kind": "linear"},
+]
 # Tiny, so that base and merged weights in both layouts stay a few tens of KiB; every
 # adapted kernel has fan-in != fan-out but attn.c_proj, so a transposed update shows.
 GPT2_CONFIG = dict(vocab_size=32, n_positions=8, n_embd=8, n_layer=2, n_head=2,
@@ -140,6 +153,34 @@ CASES = {
         model="stacked", modules=STACKED, layouts={"params/layers/proj/kernel": "s..."},
         peft=dict(r=2, lora_alpha=3, target_modules=["proj"]),
     ),
+    # What PEFT saves beside the factors. "untouched": torch modules whose weights must be
+    # exactly the base's after PEFT's merge. save_embedding_layers (PEFT's default when
+    # embed_tokens / lm_head are targeted) writes their base weights, equal to the base.
+    "full_weights": dict(
+        model="lm", modules=LM,
+        peft=dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "fc", "lm_head"],
+                  modules_to_save=["score"]),
+    ),
+    "bias_all": dict(
+        model="mlp", modules=MLP,
+        peft=dict(r=2, lora_alpha=4, target_modules=["fc1"], bias="all"),
+    ),
+    "lora_bias": dict(
+        model="mlp", modules=MLP,
+        peft=dict(r=2, lora_alpha=3, target_modules=["fc1", "fc2"], lora_bias=True,
+                  bias="lora_only"),
+    ),
+    "tokens": dict(
+        model="lm", modules=LM, untouched=["score"],
+        peft=dict(r=2, lora_alpha=2, target_modules=["fc"],
+                  trainable_token_indices={"embed_tokens": [1, 4, 7], "lm_head": [2, 5]}),
+    ),
+    "layers": dict(
+        model="stacked", modules=STACKED, layouts={"params/layers/proj/kernel": "s..."},
+        untouched=["layers.1.proj"],
+        peft=dict(r=2, lora_alpha=3, target_modules=["proj"], layers_to_transform=[0, 2],
+                  layers_pattern="layers"),
+    ),
     # flax_params="transformers": flax.safetensors is transformers' own conversion of the
     # whole model, not torch_to_flax of `modules`.
     "gpt2": dict(
@@ -185,6 +226,24 @@ EXPORTS = {
     # infer_layouts: the layouts come from jlora.infer_layouts on the case's Flax model.
     "gpt2": dict(base="gpt2", infer_layouts=True, configs=[dict(
         rank=2, alpha=4.0, targets=".*/(c_attn|c_proj|c_fc)/kernel")]),
+    # "trainable": split_trainable's arguments (the trained params are randomised too);
+    # "save": jlora.peft.save's; "layers": the layers of a stacked kernel that keep their
+    # factors (the others are zeroed).
+    "full_weights": dict(base="full_weights", configs=[dict(
+        rank=2, alpha=4.0, targets="params/(embed_tokens/embedding|fc/kernel|lm_head/kernel)")],
+        trainable=dict(modules_to_save="params/score/.*"),
+        save=dict(save_embedding_layers=".*/(embed_tokens|lm_head)/.*")),
+    "bias_all": dict(base="bias_all", trainable=dict(bias="all"),
+                     configs=[dict(rank=2, alpha=4.0, targets="params/fc1/kernel")]),
+    "lora_bias": dict(base="lora_bias", configs=[dict(rank=2, alpha=3.0, targets=".*/kernel")],
+                      trainable=dict(lora_bias=True, bias="lora_only")),
+    "tokens": dict(base="tokens", configs=[dict(rank=2, alpha=2.0, targets="params/fc/kernel")],
+                   trainable=dict(trainable_tokens={"params/embed_tokens/embedding": [1, 4, 7],
+                                                    "params/lm_head/kernel": [2, 5]})),
+    "layers": dict(base="layers", configs=[dict(
+        rank=2, alpha=3.0, targets="params/layers/proj/kernel",
+        layouts={"params/layers/proj/kernel": "s..."})],
+        layers={"params/layers/proj/kernel": [0, 2]}),
     "gpt2_rslora": dict(base="gpt2", infer_layouts=True, configs=[dict(
         rank=3, alpha=2.0, use_rslora=True, targets=".*/(c_attn|c_fc)/kernel",
         rank_pattern={".*/c_fc/kernel": 2})]),
@@ -273,8 +332,25 @@ def build_model(kind: str):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         return GPT2LMHeadModel(GPT2Config(**GPT2_CONFIG))
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens, self.fc = nn.Embedding(12, 6), nn.Linear(6, 6)
+            self.lm_head, self.score = nn.Linear(6, 12, bias=False), nn.Linear(6, 3)
+
+        # What PEFT asks a transformers model for (save_embedding_layers, trainable tokens).
+        def get_input_embeddings(self):
+            return self.embed_tokens
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def forward(self, ids):
+            h = torch.tanh(self.fc(self.embed_tokens(ids)))
+            return {"logits": self.lm_head(h), "score": self.score(h)}
+
     return {"mlp": MLP, "blocks": Blocks, "conv": Conv, "embed": Embed, "dora": Dora,
-            "stacked": Stacked}[kind]()
+            "stacked": Stacked, "lm": LM}[kind]()
 
 
 def make_inputs(kind: str) -> dict:
@@ -291,6 +367,7 @@ def make_inputs(kind: str) -> dict:
         "stacked": {"x": torch.randn(4, 5, generator=g)},
         # Last: every entry draws from `g`, so a new one before the others changes them.
         "gpt2": {"input_ids": torch.randint(0, GPT2_CONFIG["vocab_size"], (2, 5), generator=g)},
+        "lm": {"ids": torch.randint(0, 12, (2, 4), generator=g)},
     }[kind]
 
 
@@ -468,6 +545,8 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
                 p.mul_(0.5 + torch.rand(p.shape, generator=g))  # |W + sBA| -> anything
             elif "lora_" in pname:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif p.requires_grad:  # modules_to_save copies, biases, trainable tokens
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
         trained_outputs = to_numpy(peft_model(**inputs))
 
     case_dir = out_root / name
@@ -495,11 +574,16 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
     with torch.no_grad():
         merged_outputs = to_numpy(merged_model(**inputs))
     gap = max(float(np.abs(merged_outputs[k] - outputs[k]).max()) for k in outputs)
-    # Every adapted weight must have moved, or the fixture tests nothing.
+    # Every adapted or trained module must have moved, or the fixture tests nothing; the
+    # "untouched" ones must be exactly the base.
     for tname, *_ in _expand_modules(spec["modules"]):
-        key = f"{tname}.weight"
-        if np.abs(merged[key] - base[key]).max() < 1e-3:
-            raise RuntimeError(f"{name}: merging left {key} unchanged")
+        keys = [k for k in (f"{tname}.weight", f"{tname}.bias") if k in base]
+        moved = [k for k in keys if np.abs(merged[k] - base[k]).max() >= 1e-3]
+        if tname in spec.get("untouched", ()):
+            if any(not np.array_equal(merged[k], base[k]) for k in keys):
+                raise RuntimeError(f"{name}: merging changed {tname}, which should be untouched")
+        elif not moved:
+            raise RuntimeError(f"{name}: merging left {tname} unchanged")
 
     x = to_numpy(inputs)
     if spec.get("flax_params") == "transformers":
@@ -534,13 +618,17 @@ def make_case(name: str, spec: dict, out_root: pathlib.Path) -> None:
           f"merged-vs-unmerged {gap:.1e}, saved-vs-reloaded {reload_gap:.1e}")
 
 
-def make_fixtures(out_root: pathlib.Path) -> None:
+def make_fixtures(out_root: pathlib.Path, only=None) -> None:
     import peft
     torch = _torch()
     print(f"torch {torch.__version__}, peft {peft.__version__}; writing {out_root}")
     out_root.mkdir(parents=True, exist_ok=True)
     for name, spec in CASES.items():
-        make_case(name, spec, out_root)
+        if not only or name in only:
+            make_case(name, spec, out_root)
+    convert_fixtures.make_all(out_root)
+    if not only or "loftq" in only:
+        loftq_fixture.make(out_root)  # PEFT's LoftQ (see that module)
     total = sum(f.stat().st_size for f in out_root.rglob("*") if f.is_file())
     print(f"total fixture size: {total / 1024:.1f} KiB")
 
@@ -571,6 +659,8 @@ def jlora_side(out_root: pathlib.Path, fixtures: pathlib.Path) -> None:
             traceback.print_exc()
             report[name] = {"error": f"{type(e).__name__}: {e}"}
     (out_root / "report.json").write_text(json.dumps(report, indent=2))
+    converted = convert_fixtures.jlora_side(out_root, fixtures)
+    (out_root / "convert_report.json").write_text(json.dumps(converted, indent=2))
 
 
 def export_one(case_dir: pathlib.Path, spec: dict, fixtures: pathlib.Path) -> dict:
@@ -611,8 +701,18 @@ def export_one(case_dir: pathlib.Path, spec: dict, fixtures: pathlib.Path) -> di
             changes["magnitude"] = ad.magnitude * jax.random.uniform(
                 km, ad.magnitude.shape, minval=0.5, maxval=1.5)
         adapters[path] = ad.replace(**changes)
-    jlora.peft.save(case_dir / "adapter", adapters)
-    merged = jlora.merge(params, adapters)
+    for path, keep in spec.get("layers", {}).items():  # the other layers: zero factors
+        off = np.array([i not in keep for i in range(adapters[path].a.shape[0])])
+        adapters[path] = adapters[path].replace(
+            **{f: jnp.where(off.reshape(-1, *[1] * (x.ndim - 1)), 0.0, x)
+               for f, x in (("a", adapters[path].a), ("b", adapters[path].b))})
+    trainable, frozen = jlora.split_trainable(params, adapters, **spec.get("trainable", {}))
+    keys = iter(jax.random.split(jax.random.key(11), 64))
+    trainable["params"] = jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape, x.dtype), trainable["params"])
+    jlora.peft.save(case_dir / "adapter", trainable, base=params, **spec.get("save", {}))
+    merged = jlora.merge_trainable(trainable, frozen)
+    params = jlora.merge_trainable(trainable, frozen, merge_adapters=False)
     save_st(case_dir / "merged.safetensors",
             {k: np.asarray(v) for k, v in jlora.select(merged, ".*").items()})
     if apply is not None:
@@ -620,18 +720,18 @@ def export_one(case_dir: pathlib.Path, spec: dict, fixtures: pathlib.Path) -> di
             "lora": np.asarray(jlora.lora(apply)(params, adapters, **inputs)),
             "merged": np.asarray(apply(merged, **inputs)),
         })
-    # Round trip through the directory, as a sanity check of the reader.
-    back = jlora.peft.load(case_dir / "adapter", params, layouts=given)
-    same = all(
-        jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back[p], adapters[p]))
-        and back[p].replace(a=0, b=0, magnitude=None)
-        == adapters[p].replace(a=0, b=0, magnitude=None)
-        for p in adapters
-    ) and back.keys() == adapters.keys()
+    # Round trip through the directory, as a sanity check of the reader: the same
+    # trainable half (adapters, trained leaves, partial updates), bit for bit.
+    base = jax.tree.map(jnp.asarray, nest(flat))
+    back, _ = jlora.peft.load_trainable(case_dir / "adapter", base, layouts=given)
+    same = jax.tree.structure(back) == jax.tree.structure(trainable) and jax.tree.all(
+        jax.tree.map(lambda x, y: bool(x.dtype == y.dtype and (x == y).all()), back, trainable))
     module_scales = {}
     for p, ad in adapters.items():
         ns = ad.layout.num_stacked
         for idx in np.ndindex(*ad.a.shape[:ns]):
+            if idx and idx[0] not in spec.get("layers", {}).get(p, [idx[0]]):
+                continue  # a layer without factors is not written
             module_scales[jlora.peft.default_module_name(p, ns).format(*idx)] = ad.scale
     return {
         "module_scales": module_scales,
@@ -672,7 +772,7 @@ def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         cmd = [jlora_python, str(pathlib.Path(__file__).resolve()), "--jlora-side", tmp,
-               "--fixtures", str(fixtures)]
+               "--fixtures", str(fixtures), *(a for n in EXPORTS for a in ("--case", n))]
         subprocess.run(cmd, check=True, cwd=ROOT, env=env)
         report = json.loads((pathlib.Path(tmp) / "report.json").read_text())
         for name, spec in EXPORTS.items():
@@ -721,6 +821,9 @@ def check_export(jlora_python: str, fixtures: pathlib.Path) -> bool:
                   f"{sorted(set(round(s, 6) for s in peft_scales.values()))} "
                   f"scales exact={scales_match} jlora round trip exact="
                   f"{report[name]['round_trip_exact']}{flax_note}")
+        converted = json.loads((pathlib.Path(tmp) / "convert_report.json").read_text())
+        ok &= convert_fixtures.check_exports(pathlib.Path(tmp), fixtures, converted, CASES,
+                                             build_model)
     print("export check:", "PASSED" if ok else "FAILED")
     return ok
 
@@ -740,14 +843,19 @@ def main(argv=None) -> int:
                         help="python with jlora and jax (default: .venv/bin/python)")
     parser.add_argument("--fixtures", type=pathlib.Path, default=FIXTURES,
                         help="fixtures to read the base weights from (default: %(default)s)")
+    parser.add_argument("--case", action="append", dest="cases", metavar="NAME",
+                        help="make or check only this case (repeatable; default: all)")
     parser.add_argument("--jlora-side", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cases:
+        for name in [n for n in EXPORTS if n not in args.cases]:
+            del EXPORTS[name]
     if args.jlora_side:
         jlora_side(args.jlora_side, args.fixtures)
         return 0
     if args.check_export:
         return 0 if check_export(args.jlora_python, args.fixtures) else 1
-    make_fixtures(args.out)
+    make_fixtures(args.out, args.cases)
     return 0
 
 

@@ -140,3 +140,19 @@ def test_tunix_llama3_example():
     assert last < first
     gap = float(out.split("max difference ")[1].split()[0])
     assert gap < 1e-4
+
+
+@pytest.mark.real_models
+def test_to_peft_example(tmp_path):
+    pytest.importorskip("transformers")
+    out = finish(start_script(
+        "to_peft.py", "--steps", "3", "--batch", "2", "--seq-len", "16", "--data-bytes", "20000",
+        "--no-progress", "--out", str(tmp_path),
+    ))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 14 and config["use_rslora"]
+    assert "model.layers.1.self_attn.q_proj" in config["target_modules"]  # torch's own names
+    assert "trained 3 steps" in out and "14 kernels" in out
+    if "torch check skipped" not in out:  # torch and peft installed: PEFT's logits are jlora's
+        gap = float(out.split("largest logit difference ")[1].split()[0])
+        assert gap < 1e-4

@@ -27,7 +27,18 @@ from jlora import _files as files
 from jlora import peft
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "peft"
-CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "case.json").is_file())
+
+
+def _factors_only(root):
+    """Whether a fixture's file holds LoRA factors for whole kernels only (the others,
+    with trained weights or layer subsets, are tests/test_peft_interop.py's)."""
+    cfg = json.loads((root / "case.json").read_text())["peft_config"]
+    return cfg.get("bias", "none") == "none" and not any(cfg.get(k) for k in (
+        "modules_to_save", "lora_bias", "trainable_token_indices", "layers_to_transform"))
+
+
+CASES = sorted(p.name for p in FIXTURES.iterdir()
+               if (p / "case.json").is_file() and _factors_only(p))
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -632,14 +643,15 @@ def saved(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("lora_bias", True, r"`lora_bias`=True.*bias on lora_B"),
+    ("lora_bias", "yes", r"`lora_bias`='yes': expected true or false"),
     ("use_qalora", True, r"`use_qalora`=True.*QA-LoRA"),
-    ("modules_to_save", ["head"], r"`modules_to_save`.*fully trained copies"),
+    ("modules_to_save", "head", r"`modules_to_save`='head': expected a list"),
+    ("trainable_token_indices", [-1], r"`trainable_token_indices`=\[-1\]: expected a list"),
     ("loftq_config", {"loftq_bits": 4}, r"`loftq_config`.*LoftQ"),
     ("init_lora_weights", "pissa_niter_4", r"`init_lora_weights`='pissa_niter_4'.*modified"),
     ("init_lora_weights", "olora", r"`init_lora_weights`='olora'"),
     ("init_lora_weights", "something_new", r"`init_lora_weights`='something_new'"),
-    ("bias", "all", r"`bias`='all'.*only bias='none'"),
+    ("bias", "some", r"`bias`='some': expected one of \['none', 'all', 'lora_only'\]"),
     ("target_parameters", ["experts.w"], r"`target_parameters`"),
     ("layer_replication", [[0, 2]], r"`layer_replication`"),
     ("use_fancy_new_thing", True, r"`use_fancy_new_thing`=True, a field jlora.peft does not know"),
@@ -693,13 +705,21 @@ def test_params_must_fit_the_file(saved):
         peft.load(saved, as_embed)
 
 
-def test_stacked_kernels_need_every_layer(tmp_path):
-    out = peft.save(tmp_path / "a", _make(targets="params/dense/kernel"),
-                    names={"params/dense/kernel": "layers.1.mlp"})
+def test_stacked_kernel_layers_missing_from_the_file_get_zero_factors(tmp_path):
+    ads = _make(targets="params/dense/kernel")
+    out = peft.save(tmp_path / "a", ads, names={"params/dense/kernel": "layers.1.mlp"})
     stacked = {"params": {"layers": {"mlp": {"kernel": jnp.ones((3, 8, 6))}}}}
+    back = peft.load(out, stacked, layouts={".*": "s..."})["params/layers/mlp/kernel"]
+    want = ads["params/dense/kernel"]
+    for factor in ("a", "b"):
+        got = np.asarray(getattr(back, factor))
+        np.testing.assert_array_equal(got[1], getattr(want, factor))
+        assert not got[[0, 2]].any(), factor
+    dora = peft.save(tmp_path / "d", _make(targets="params/dense/kernel", variant="dora"),
+                     names={"params/dense/kernel": "layers.1.mlp"})
     with pytest.raises(ValueError, match=r"'params/layers/mlp/kernel' has 2 of its 3 layers.*"
-                                         r"layers\.0\.mlp"):
-        peft.load(out, stacked, layouts={".*": "s..."})
+                                         r"layers\.0\.mlp.*DoRA rescales every layer"):
+        peft.load(dora, stacked, layouts={".*": "s..."})
     with pytest.raises(ValueError, match=r"no kernel in `params`.*layout is unknown.*\['params/"
                                          r"layers/mlp/kernel'\]"):
         peft.load(out, stacked)   # without `layouts` the 3-axis kernel is skipped, and said so
@@ -713,7 +733,8 @@ def test_files_that_are_not_lora_factors_are_refused(saved):
     tensors = safetensors.numpy.load_file(saved / peft.WEIGHTS_NAME)
     tensors[peft.PREFIX + "head.weight"] = np.ones((2, 2), np.float32)
     safetensors.numpy.save_file(tensors, saved / peft.WEIGHTS_NAME)
-    with pytest.raises(ValueError, match=r"'base_model.model.head.weight'.*not a LoRA factor"):
+    with pytest.raises(ValueError, match=r"'base_model.model.head.weight'.*neither a LoRA factor "
+                                         r"nor a weight.*modules_to_save=None, bias='none'"):
         peft.load(saved, PARAMS)
 
 

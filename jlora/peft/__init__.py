@@ -57,10 +57,26 @@ first ``rank_pattern`` / ``alpha_pattern`` key that matches the module name as P
 matches it (the key as a regular expression, anchored at the end and at the start or
 after a dot), else ``r`` / ``lora_alpha``; every module in the file must be one that
 ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` select (PEFT would
-silently drop the others). Config fields that change what the factors mean
-(``lora_bias``, ``bias``, ``modules_to_save``, LoftQ, PiSSA/OLoRA/CorDA/LoRA-GA inits,
+silently drop the others); the layers of a stacked kernel that the file leaves out get
+zero factors, and :func:`save` leaves such layers out. Config fields that change what
+the factors mean in ways jlora cannot reproduce (LoftQ, PiSSA/OLoRA/CorDA/LoRA-GA inits,
 QA-LoRA, aLoRA, ...) are refused with an error naming the field; an unknown field is
 accepted only while it is off (``None``, ``False`` or empty).
+
+**Trained weights beside the factors** (``modules_to_save``, ``bias``, ``lora_bias``,
+``trainable_token_indices``, ``save_embedding_layers``): :func:`load_trainable` reads
+them as :func:`jlora.split_trainable`'s ``(trainable, frozen)``, with
+:class:`LoraBias` and :class:`TrainableTokens` for the two that train part of a frozen
+leaf; :func:`save` writes such a ``trainable``. :func:`load` accepts them only where
+they repeat the base.
+
+**Other codebases.** A ``names=`` entry may also be a :class:`Split` (one kernel that
+holds several PEFT modules, e.g. the ``gemma`` package's ``kv_einsum``), a :class:`Part`
+(one of several kernels that make one PEFT module, e.g. GPT-2's ``c_attn``) or a
+:class:`TargetParameter` (expert weights PEFT adapts with ``target_parameters``);
+:mod:`jlora.peft.templates` gives transformers' names for the ``gemma`` package's,
+Tunix's and MaxText's trees. :func:`convert_to_original_base` and
+:func:`to_original_base` turn PiSSA, OLoRA and CorDA adapters into plain ones.
 
 Example:
   >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -74,22 +90,40 @@ Example:
   ((6, 2), True)
 """
 
+from jlora._leaf_updates import LoraBias as LoraBias
+from jlora._leaf_updates import TrainableTokens as TrainableTokens
+from jlora.peft import templates as templates
+from jlora.peft._conversion import convert_to_original_base as convert_to_original_base
+from jlora.peft._conversion import to_original_base as to_original_base
 from jlora.peft._format import CONFIG_NAME as CONFIG_NAME
 from jlora.peft._format import PREFIX as PREFIX
 from jlora.peft._format import WEIGHTS_NAME as WEIGHTS_NAME
+from jlora.peft._fused import Part as Part
+from jlora.peft._fused import Split as Split
 from jlora.peft._load import load as load
 from jlora.peft._names import default_module_name as default_module_name
 from jlora.peft._names import get_pattern_key as get_pattern_key
 from jlora.peft._save import export as export
 from jlora.peft._save import save as save
+from jlora.peft._target_parameters import TargetParameter as TargetParameter
+from jlora.peft._trainable import load_trainable as load_trainable
 
 __all__ = [
     "CONFIG_NAME",
+    "LoraBias",
     "PREFIX",
+    "Part",
+    "Split",
+    "TargetParameter",
+    "TrainableTokens",
     "WEIGHTS_NAME",
+    "convert_to_original_base",
     "default_module_name",
     "export",
     "get_pattern_key",
     "load",
+    "load_trainable",
     "save",
+    "templates",
+    "to_original_base",
 ]

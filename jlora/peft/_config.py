@@ -22,8 +22,10 @@ _IGNORED = {
 _USED = {
     "alpha_pattern", "exclude_modules", "fan_in_fan_out", "init_lora_weights", "layers_pattern",
     "layers_to_transform", "lora_alpha", "lora_dropout", "peft_type", "r", "rank_pattern",
-    "target_modules", "use_dora", "use_rslora", "bias",
+    "target_modules", "use_dora", "use_rslora", "bias", "lora_bias", "modules_to_save",
+    "trainable_token_indices",
 }
+BIAS_MODES = ("none", "all", "lora_only")  # PEFT's `bias` values for LoRA
 # Fields that, when set, mean the directory holds something jlora cannot reproduce.
 _REFUSED = {
     "alora_invocation_tokens": "Activated LoRA applies the adapter only after invocation "
@@ -33,12 +35,9 @@ _REFUSED = {
     "kasa_config": "KaSA changes the base weights and adds a diagonal between A and B",
     "layer_replication": "it rebuilds the base model's layer stack",
     "loftq_config": "LoftQ replaces the base weights with quantized ones",
-    "lora_bias": "the adapter trains a bias on lora_B, which jlora's adapters do not have",
     "megatron_config": "Megatron-parallel layers split the factors across ranks",
-    "modules_to_save": "the file holds fully trained copies of those modules, not LoRA factors",
     "monteclora_config": "MonteCLoRA samples the factors",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) uses another layout",
-    "trainable_token_indices": "the file holds trained embedding rows, not LoRA factors",
     "use_bdlora": "block-diagonal factors use another layout",
     "use_qalora": "QA-LoRA pools the input before lora_A",
 }
@@ -75,11 +74,7 @@ def _check_config(config: Any, file: str) -> dict:
                 f"{file} sets `{field}`={value!r}, a field jlora.peft does not know; it refuses "
                 "rather than ignore it. Remove the field if it does not change the adapter."
             )
-    if config.get("bias", "none") != "none":
-        raise ValueError(
-            f"{file} sets `bias`={config['bias']!r}: the adapter trained base-model biases, "
-            "which jlora's adapters do not hold; only bias='none' can be loaded."
-        )
+    _check_trained_parts(config, file)
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_MUTATING_INITS):
         raise ValueError(
@@ -128,6 +123,40 @@ def _check_config(config: Any, file: str) -> dict:
         raise ValueError(f"{file} has `lora_dropout`={dropout!r}: expected a number in [0, 1).")
     return out
 
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+
+
+def _check_trained_parts(config: dict, file: str) -> None:
+    """The fields that say what the file holds beside the factors."""
+    bias = config.get("bias", "none")
+    if bias not in BIAS_MODES:
+        raise ValueError(f"{file} sets `bias`={bias!r}: expected one of {list(BIAS_MODES)}.")
+    lora_bias = config.get("lora_bias", False)
+    if not isinstance(lora_bias, bool):
+        raise ValueError(f"{file} has `lora_bias`={lora_bias!r}: expected true or false.")
+    if lora_bias and config.get("use_dora", False):
+        raise ValueError(
+            f"{file} sets both `lora_bias` and `use_dora`: DoRA rescales the adapted output "
+            "together with the lora_B bias, which jlora's DoRA does not reproduce."
+        )
+    modules = config.get("modules_to_save")
+    if not (modules is None or (isinstance(modules, list)
+                                and all(isinstance(m, str) and m for m in modules))):
+        raise ValueError(
+            f"{file} has `modules_to_save`={modules!r}: expected a list of module names or null."
+        )
+    tokens = config.get("trainable_token_indices")
+    if not (tokens is None or _is_ids(tokens) or (
+            isinstance(tokens, dict) and all(isinstance(k, str) and _is_ids(v)
+                                             for k, v in tokens.items()))):
+        raise ValueError(
+            f"{file} has `trainable_token_indices`={tokens!r}: expected a list of token ids, a "
+            "dict {module name: token ids} or null."
+        )
 
 
 # -- PEFT's scale formula ---------------------------------------------------------------

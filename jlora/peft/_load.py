@@ -4,12 +4,14 @@ file."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import math
 import os
 import pathlib
 from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,7 @@ from jlora._config import LoraConfig
 from jlora._merging import check_adapters_fit
 from jlora.layouts import Layout, LayoutError, resolve_layout
 from jlora.peft._config import _check_config, _peft_scale
+from jlora.peft._extras_load import refuse_trained_parts
 from jlora.peft._format import CONFIG_NAME, METADATA_KEY, PREFIX, Names
 from jlora.peft._names import (
     _check_names_arg,
@@ -29,6 +32,7 @@ from jlora.peft._names import (
     _template,
     _where,
 )
+from jlora.peft._structure import import_view
 from jlora.peft._tensors import _from_peft, _layer, _peft_shapes, _read_dir
 
 # -- import -----------------------------------------------------------------------------
@@ -37,12 +41,16 @@ _SUFFIXES = {
     ".lora_A.weight": "A", ".lora_B.weight": "B",
     ".lora_embedding_A": "A", ".lora_embedding_B": "B",
     ".lora_magnitude_vector": "M", ".lora_magnitude_vector.weight": "M",
+    ".lora_B.bias": "bias",
 }
 
 
-def _group_tensors(tensors: Mapping[str, np.ndarray], file: str) -> dict[str, dict]:
-    """``{module name: {"A", "B", "M", "embed"}}`` from PEFT's flat keys."""
+def _group_tensors(tensors: Mapping[str, np.ndarray], file: str) -> tuple[dict, dict]:
+    """``({module name: {"A", "B", "M", "bias", "embed"}}, {key: tensor})`` from PEFT's
+    flat keys: the LoRA modules, and every other tensor (full weights, trainable tokens)
+    under its key without the ``base_model.model.`` prefix."""
     modules: dict[str, dict] = {}
+    others: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(
@@ -61,16 +69,11 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], file: str) -> dict[str, di
                 if role in entry:
                     raise ValueError(f"Module {name!r} has two {role} tensors in {file}.")
                 entry[role] = value
-                if role != "M":
+                if role not in ("M", "bias"):
                     entry["embed"].add("embedding" in suffix)
                 break
         else:
-            hint = ("lora_bias is not supported" if rest.endswith(".lora_B.bias") else
-                    "a full weight, as saved for modules_to_save or save_embedding_layers")
-            raise ValueError(
-                f"Tensor {key!r} in {file} is not a LoRA factor ({hint}); jlora.peft.load reads "
-                "lora_A/lora_B, lora_embedding_A/B and lora_magnitude_vector only."
-            )
+            others[rest] = value
     for name, entry in modules.items():
         for role, what in (("A", "lora_A"), ("B", "lora_B")):
             if role not in entry:
@@ -80,7 +83,7 @@ def _group_tensors(tensors: Mapping[str, np.ndarray], file: str) -> dict[str, di
                 f"Module {name!r} in {file} mixes lora_embedding_* and lora_A/lora_B tensors."
             )
         entry["embed"] = entry["embed"].pop()
-    return modules
+    return modules, others
 
 
 def _candidates(params, layouts: Mapping[str, str | Layout], names: Names):
@@ -123,7 +126,8 @@ def load(
     Args:
       path: a directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
       params: the flax parameters the adapter belongs to (linen ``variables`` or
-        ``variables["params"]``, an NNX state, any pytree); only shapes are read.
+        ``variables["params"]``, an NNX state, any pytree); only shapes are read, and the
+        values of the leaves that the file also holds in full (which must equal them).
       names: module names where the default naming does not fit (see the module
         docstring): a callable ``path -> name or None`` or a dict ``{path: name}``.
       layouts: ``{pattern or path: layout}`` as in :class:`jlora.LoraConfig`, e.g. the
@@ -134,7 +138,9 @@ def load(
 
     Returns:
       ``{kernel path: Adapter}``, one entry per adapted kernel (the modules of a stacked
-      kernel become one adapter), with PEFT's rank, alpha and scale for each.
+      kernel become one adapter), with PEFT's rank, alpha and scale for each. The layers
+      of a stacked kernel that the file leaves out (PEFT's ``layers_to_transform``) get
+      zero factors: no update, and zero gradients, so an optimizer leaves them at zero.
 
     Raises:
       FileNotFoundError: ``path`` lacks one of the two files.
@@ -144,7 +150,10 @@ def load(
         the evidence and the ``layouts=`` to pass.
       ValueError: naming the file, module or path and what is wrong; a file that is not
         valid JSON or safetensors (truncated, corrupted) is a
-        :class:`jlora.AdapterFormatError`.
+        :class:`jlora.AdapterFormatError`. A file that holds trained weights beside the
+        factors (``modules_to_save``, biases, ``lora_bias``, trainable tokens, base
+        weights other than ``params``'), which adapters cannot carry, is refused with a
+        pointer to :func:`jlora.peft.load_trainable`.
 
     Example:
       >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -156,20 +165,50 @@ def load(
       >>> back.layout.axes, back.policy, back.scale == ads["conv/kernel"].scale
       ('wwio', 'rslora', True)
     """
+    read = read_dir(path, params, names=names, layouts=layouts, dtype=dtype)
+    refuse_trained_parts(read)
+    return read.adapters
+
+
+@dataclasses.dataclass
+class Read:
+    """A PEFT directory read against ``params``: the adapters, and what else the file holds."""
+
+    adapters: Adapters
+    config: dict
+    config_file: str
+    weights_file: str
+    others: dict[str, np.ndarray]  # tensors that are not LoRA factors, keys without PREFIX
+    lora_bias: dict[str, dict[tuple, np.ndarray]]  # {kernel path: {index: lora_B.bias}}
+    modules: dict[str, tuple[str, tuple]]  # {LoRA module in the file: (kernel path, index)}
+    kernels: dict[str, tuple]  # {path: (leaf, layout)} of every kernel of params
+    unresolved: dict[str, str]  # {path: why its layout is unknown}
+    names: Names
+    params: Any  # the params the file was read against
+
+
+def read_dir(path, params, *, names: Names = None, layouts=None, dtype=None) -> Read:
+    """Everything :func:`load` reads, before it checks that the file holds nothing but
+    LoRA factors (and weights that repeat the base)."""
     raw_config, tensors, metadata, weights_file = _read_dir(path)
+    # Split, Part and TargetParameter kernels are read through a view of one module each.
+    view = import_view(raw_config, tensors, metadata, params, names, layouts, weights_file)
+    raw_config, tensors, metadata = view.config, view.tensors, view.metadata
+    params, names, layouts = view.params, view.names, view.layouts
     config_file = str(pathlib.Path(path) / CONFIG_NAME)
     config = _check_config(raw_config, config_file)
     if layouts is not None and not isinstance(layouts, Mapping):
         raise TypeError(f"`layouts` must be a dict {{pattern: layout}}, got {layouts!r}.")
     if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"`dtype` must be a floating dtype such as float32, got {dtype!r}.")
-    modules = _group_tensors(tensors, weights_file)
+    modules, others = _group_tensors(tensors, weights_file)
     table, kernels, unresolved = _candidates(params, dict(layouts or {}), names)
     extra = _jlora_metadata(metadata, weights_file)
     use_dora = config.get("use_dora", False)
     use_rslora = config.get("use_rslora", False)
 
     per_path: dict[str, dict[tuple, dict]] = collections.defaultdict(dict)
+    lora_bias: dict[str, dict[tuple, np.ndarray]] = collections.defaultdict(dict)
     doubts: dict[str, tuple] = {}  # {path: (guess, shape, why it cannot be used, fix)}
     for name, entry in modules.items():
         if not _is_targeted(config, name):
@@ -223,6 +262,8 @@ def load(
         a, b, m = _from_peft(inner, kshape, entry["A"], entry["B"], entry.get("M"))
         per_path[kpath][idx] = dict(a=a, b=b, m=m, rank=rank, alpha=alpha, scale=scale,
                                     policy=policy, name=name)
+        if "bias" in entry:
+            lora_bias[kpath][idx] = _lora_b_bias(name, entry["bias"], inner, kshape, weights_file)
     if doubts:
         raise _guessed_layouts_error(doubts, weights_file)
 
@@ -237,7 +278,27 @@ def load(
         found = per_path[kpath]
         out[kpath] = _assemble(kpath, found, stacked, layout, variant, dropout, dtype, table)
     check_adapters_fit(params, out)  # a last guard: every adapter fits its kernel
-    return out
+    out = view.restore(out)
+    return Read(adapters=out, config=config, config_file=config_file, weights_file=weights_file,
+                others=others, lora_bias=dict(lora_bias), modules=_file_modules(modules, table),
+                kernels=kernels, unresolved=unresolved, names=names, params=params)
+
+
+def _file_modules(modules: dict, table: dict) -> dict[str, tuple[str, tuple]]:
+    return {name: table[name] for name in modules}
+
+
+def _lora_b_bias(name, bias, layout: Layout, kernel_shape, file) -> np.ndarray:
+    """A ``lora_B.bias`` in the kernel's fan-out shape."""
+    _, _, fan_out = layout.split_shape(kernel_shape)
+    if tuple(bias.shape) != (math.prod(fan_out),):
+        raise ValueError(
+            f"Module {name!r}: lora_B.bias in {file} has shape {tuple(bias.shape)} but the "
+            f"kernel's fan-out needs ({math.prod(fan_out)},)."
+        )
+    return np.asarray(bias).reshape(fan_out)
+
+
 
 
 def _fits(layout: Layout, kernel_shape, rank: int, entry: dict) -> set[str]:
@@ -352,12 +413,14 @@ def _restore(entry: Mapping, scale: float, name: str, file: str):
 
 def _assemble(kpath, found, stacked, layout, variant, dropout, dtype, table) -> Adapter:
     missing = [idx for idx in np.ndindex(*stacked) if tuple(idx) not in found]
-    if missing:
+    if missing and variant != "lora":
         names = [n for n, (p, i) in table.items() if p == kpath and i in missing]
         raise ValueError(
             f"The stacked kernel at path {kpath!r} has {len(missing)} of its "
-            f"{math.prod(stacked)} layers without an adapter in the file (modules {names[:5]}); "
-            "jlora adapts a stacked kernel at every index or not at all."
+            f"{math.prod(stacked)} layers without an adapter in the file (modules {names[:5]}, "
+            "e.g. PEFT's layers_to_transform), and its adapter is DoRA: DoRA rescales every "
+            "layer of a stacked kernel, so the layers without one cannot stay exactly as "
+            "they are. Unstack the kernel (one path per layer) to load it."
         )
     first = found[next(iter(found))]
     for e in found.values():
@@ -371,9 +434,12 @@ def _assemble(kpath, found, stacked, layout, variant, dropout, dtype, table) -> 
     order = list(np.ndindex(*stacked))
 
     def stack(key):
+        # A layer the file leaves out (layers_to_transform) gets zero factors: no update,
+        # and zero gradients for both factors, so training leaves it at zero.
         if first[key] is None:
             return None
-        x = np.stack([found[tuple(i)][key] for i in order]).reshape(
+        zero = np.zeros_like(first[key])
+        x = np.stack([found.get(tuple(i), {key: zero})[key] for i in order]).reshape(
             *stacked, *first[key].shape) if stacked else first[key]
         return jnp.asarray(x if dtype is None else x.astype(dtype))
 

@@ -161,7 +161,7 @@ def _pattern_value(config: Mapping, field: str, default_field: str, name: str):
 
 
 def _is_targeted(config: Mapping, name: str) -> bool:
-    """PEFT's ``check_target_module_exists`` (``modules_to_save`` is refused elsewhere)."""
+    """PEFT's ``check_target_module_exists``."""
     exclude = config.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
@@ -169,6 +169,9 @@ def _is_targeted(config: Mapping, name: str) -> bool:
                 return False
         elif name in exclude or any(name.endswith(f".{k}") for k in exclude):
             return False
+    # A module of modules_to_save (or inside one) never gets LoRA.
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.get("modules_to_save") or ()):
+        return False
     targets = config.get("target_modules")
     if targets is None:
         return True  # nothing to check against: every module in the file counts

@@ -148,6 +148,9 @@ def test_an_expert_without_an_update_is_written_as_zeros(tmp_path):
     tensors = _file(peft.save(tmp_path / "a", {"wi": ad}, names=names))
     a = tensors["base_model.model.experts.lora_A.weight"]
     assert a.shape == (6, 4) and not a[2:4].any() and a[:2].any()
+    # Expert indices are not layers: no layers_to_transform that PEFT would apply to layers.
+    config = json.loads((tmp_path / "a" / peft.CONFIG_NAME).read_text())
+    assert config["layers_to_transform"] is None and config["layers_pattern"] is None
     back = peft.load(tmp_path / "a", params, names=names, layouts={"wi": "sio"})["wi"]
     np.testing.assert_array_equal(back.delta(), ad.delta())
 

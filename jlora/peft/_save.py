@@ -53,14 +53,16 @@ def _is_zero(x) -> bool:
     return not np.any(np.asarray(x))
 
 
-def _unadapted_layers(adapters: Adapters, table: dict, lora_biases: Mapping) -> list[str]:
+def _unadapted_layers(adapters: Adapters, table: dict, lora_biases: Mapping,
+                      experts: set[str]) -> list[str]:
     """The module names of the layers of stacked kernels whose factors (and lora_B bias)
     are all zero: no update, as the layers PEFT's ``layers_to_transform`` leaves out. A
-    kernel keeps all its layers if none has an update."""
+    kernel keeps all its layers if none has an update. Expert kernels (``experts``) keep
+    every index: their stacked axes are not all layers, and zeros written are exact."""
     out = []
     by_path = collections.defaultdict(list)
     for name, (p, idx) in table.items():
-        if idx:
+        if idx and p not in experts:
             by_path[p].append((idx, name))
     for p, layers in by_path.items():
         ad, bias = adapters[p], lora_biases.get(p)
@@ -79,7 +81,8 @@ def _unadapted_layers(adapters: Adapters, table: dict, lora_biases: Mapping) -> 
     return out
 
 
-def _layer_subset(adapters: Adapters, modules: Mapping[str, list], templates: Mapping):
+def _layer_subset(adapters: Adapters, modules: Mapping[str, list], templates: Mapping,
+                  experts: set[str]):
     """``(layers_to_transform, layers_pattern)`` for the config: the layer indices (first
     stacked axis) of the stacked kernels when some layers are left out, and the name
     component before the index when all stacked kernels share it, else ``None``s. The
@@ -88,7 +91,7 @@ def _layer_subset(adapters: Adapters, modules: Mapping[str, list], templates: Ma
     kept, total, patterns = set(), set(), set()
     for p, entries in modules.items():
         ad: Adapter = adapters[p]
-        if not ad.layout.num_stacked:
+        if not ad.layout.num_stacked or p in experts:
             continue
         kept |= {idx[0] for idx, _ in entries}
         total |= set(range(ad.a.shape[0]))
@@ -220,7 +223,8 @@ def export(
         kernels.append((p, _template(p, ns, names), tuple(ad.a.shape[:ns])))
     table = _name_table(kernels)
     lora_biases = lora_bias_paths(adapters, flat_parts(trained))
-    for name in _unadapted_layers(adapters, table, lora_biases):
+    experts = {k.path for k in view.kernels}  # target parameters: stacked axes hold experts
+    for name in _unadapted_layers(adapters, table, lora_biases, experts):
         del table[name]
     modules = collections.defaultdict(list)
     for name, (p, idx) in table.items():
@@ -267,7 +271,7 @@ def export(
                                 layouts=layouts, save_embedding_layers=save_embedding_layers)
     tensors.update(more)
     layers_to_transform, layers_pattern = _layer_subset(
-        adapters, modules, {p: template for p, template, _ in kernels})
+        adapters, modules, {p: template for p, template, _ in kernels}, experts)
     config = {
         "peft_type": "LORA",
         "task_type": None,

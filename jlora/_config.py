@@ -30,7 +30,7 @@ __all__ = ["INITS", "VARIANTS", "LoraConfig"]
 
 # PEFT's names where they exist. Inits other than the first two are provided by
 # jlora.variants (they need the base weights or input statistics).
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "eva", "corda")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "eva", "corda", "loftq")
 VARIANTS = ("lora", "dora")
 
 
@@ -70,7 +70,7 @@ class LoraConfig:
         its result goes here as it is.
       init: ``"default"`` (PEFT: A kaiming-uniform, B zero; embeddings the other way round)
         or ``"gaussian"`` (A ~ N(0, (1/rank)^2), as PEFT); the variants module adds
-        ``"pissa"``, ``"olora"``, ``"orthogonal"``, ``"eva"`` and ``"corda"``.
+        ``"pissa"``, ``"olora"``, ``"orthogonal"``, ``"eva"``, ``"corda"`` and ``"loftq"``.
       variant: ``"lora"``, ``"dora"`` or any variant registered with
         ``jlora.variants.register_variant``.
       dropout: PEFT's ``lora_dropout`` on the adapter branch's input, in ``[0, 1)``.

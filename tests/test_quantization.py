@@ -7,6 +7,7 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -29,6 +30,8 @@ MIXES = {
               "head": ("int8", False)},
     "mix-b": {"scan": ("nf4", True), "loop": ("int8", False), "query": ("int8", False),
               "head": ("nf4", False)},
+    "mix-c": {"scan": ("int4", False), "loop": ("fp8", False), "query": ("fp8", False),
+              "head": ("int4", False)},
 }
 
 
@@ -104,11 +107,27 @@ def _unpack(values):
     return np.stack([v >> 4, v & 15], -1).reshape(*v.shape[:-1], -1)
 
 
+def _np_groups(w, lay, size):
+    """int4's groups: each row of ``_np_rows`` zero-padded to whole groups of ``size``,
+    ``(*stacked, fan_out * groups_per_row, size)``."""
+    rows = _np_rows(w, lay)
+    n = -(-rows.shape[-1] // size)
+    rows = np.pad(rows, [(0, 0)] * (rows.ndim - 1) + [(0, n * size - rows.shape[-1])])
+    return rows.reshape(*rows.shape[:-2], rows.shape[-2] * n, size)
+
+
 def _np_dequant(qk):
     """Dequantization from the stored arrays, in numpy (independent of the library's)."""
-    if qk.scheme == "int8":
-        return np.asarray(qk.values, np.float32) * np.asarray(qk.scales)
+    if qk.scheme in ("int8", "fp8"):
+        return np.asarray(qk.values).astype(np.float32) * np.asarray(qk.scales)
     lay = qk.kernel_layout
+    stacked, fan_in, fan_out = lay.split_shape(qk.shape)
+    if qk.scheme == "int4":
+        q = _unpack(_np_stacked_first(qk, "values", 2)).astype(np.float32)
+        zeros = _np_stacked_first(qk, "zeros", 1).astype(np.float32)
+        groups = (q - zeros[..., None]) * _np_stacked_first(qk, "scales", 1)[..., None]
+        rows = groups.reshape(*stacked, np.prod(fan_out), -1)[..., :np.prod(fan_in)]
+        return _np_unrows(rows, lay, qk.shape)
     scales = _np_stacked_first(qk, "scales", 1)
     absmax = scales.astype(np.float32)
     if qk.double_quant:
@@ -116,7 +135,6 @@ def _np_dequant(qk):
         absmax = Q.DYNAMIC_CODE[scales] * step + _np_stacked_first(qk, "scales_offset", 0)[
             ..., None]
     deq = Q.NF4_CODE[_unpack(_np_stacked_first(qk, "values", 2))] * absmax[..., None]
-    stacked, fan_in, fan_out = lay.split_shape(qk.shape)
     n = int(np.prod(qk.layer_shape))
     rows = deq.reshape(*stacked, -1)[..., :n].reshape(*stacked, np.prod(fan_out), np.prod(fan_in))
     return _np_unrows(rows, lay, qk.shape)
@@ -221,6 +239,69 @@ def test_nf4_double_quantization_matches_numpy(layout, shape):
     assert qk.nbytes < plain.nbytes < w.nbytes / 6  # 4 bits + 8-bit (or 32-bit) scales
 
 
+@pytest.mark.parametrize("layout, shape, size", [
+    ("oi", (9, 100), 64), ("sio", (2, 130, 5), 128), ("isoo", (64, 2, 3, 2), 32),
+])
+def test_int4_matches_gptq_numpy(layout, shape, size):
+    """GPTQ's Quantizer (sym=False, 4 bits) per group of ``size`` along each output
+    channel's fan-in, round to nearest: the scale to one ulp (XLA divides by 15 as a
+    multiply), zero points and codes exactly from the stored scale."""
+    lay = jlora.Layout(layout)
+    ns = lay.num_stacked
+    rows = _np_rows(_normal(22, shape), lay)
+    rows[(0,) * ns + (0, slice(0, size))] = np.abs(rows[(0,) * ns + (0, slice(0, size))]) + 1
+    rows[..., 1, :size] = 0  # an all-positive group and an all-zero one
+    w = _np_unrows(rows, lay, shape)
+    qk = Q.quantize(jnp.asarray(w), "int4", layout=layout, block_size=size)
+    groups = _np_groups(w, lay, size)
+    lo, hi = np.minimum(groups.min(-1), 0), np.maximum(groups.max(-1), 0)
+    empty = (lo == 0) & (hi == 0)
+    lo, hi = np.where(empty, -1, lo), np.where(empty, 1, hi)
+    layer = len(shape) - ns
+    assert qk.values.shape == _stored_shape((groups.shape[-2], size // 2) + (1,) * (layer - 2),
+                                            lay, shape)
+    for field, dtype in (("values", jnp.uint8), ("scales", jnp.float32), ("zeros", jnp.uint8)):
+        assert getattr(qk, field).dtype == dtype
+    scale = _np_stacked_first(qk, "scales", 1)
+    np.testing.assert_allclose(scale, (hi - lo) / np.float32(15), rtol=np.finfo(np.float32).eps)
+    zero = np.round(-lo / scale)
+    np.testing.assert_array_equal(_np_stacked_first(qk, "zeros", 1), zero)
+    codes = np.clip(np.round(groups / scale[..., None]) + zero[..., None], 0, 15)
+    np.testing.assert_array_equal(_unpack(_np_stacked_first(qk, "values", 2)), codes)
+    deq = np.asarray(Q.dequantize(qk))
+    np.testing.assert_allclose(deq, _np_dequant(qk), rtol=0, atol=1e-6)
+    # Every value (the all-positive group's too: the zero point never clips) lies within
+    # half a step of its group's grid.
+    err = np.abs(_np_groups(deq - w, lay, size))
+    assert np.all(err <= scale[..., None] / 2 * (1 + 1e-5))
+    # 4 bits per value, a float32 scale and a uint8 zero point per group.
+    assert qk.nbytes == groups[..., 0].size * (size // 2 + 4 + 1)
+    per_row = groups.shape[-2] // rows.shape[-2]
+    assert np.all(_np_groups(deq, lay, size)[..., per_row, :] == 0)  # row 1's first group
+
+
+@pytest.mark.parametrize("layout, shape", [("oi", (29, 37)), ("isoo", (24, 2, 3, 5))])
+def test_fp8_matches_numpy(layout, shape):
+    """float8 e4m3 per output channel: scale absmax / 448 (to one ulp), values the
+    stored scale's quotient rounded to nearest even e4m3 (ml_dtypes), bit for bit."""
+    lay = jlora.Layout(layout)
+    w = _normal(23, shape, 3.0)
+    w[tuple(0 if k in lay.fan_out_axes else slice(None) for k in range(w.ndim))] = 0
+    w[tuple(1 if k in lay.fan_out_axes else 0 for k in range(w.ndim))] = 1e-4  # subnormal
+    qk = Q.quantize(jnp.asarray(w), "fp8", layout=layout)
+    assert qk.values.dtype == jnp.float8_e4m3fn and qk.values.shape == shape
+    absmax = np.abs(w).max(axis=lay.fan_in_axes, keepdims=True)
+    scale = np.asarray(qk.scales)
+    np.testing.assert_allclose(scale, absmax / np.float32(448), rtol=np.finfo(np.float32).eps)
+    want = np.clip(w / np.where(scale > 0, scale, 1), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(np.asarray(qk.values).view(np.uint8), want.view(np.uint8))
+    assert qk.nbytes == w.size + 4 * absmax.size
+    deq = np.asarray(Q.dequantize(qk))
+    np.testing.assert_array_equal(deq, want.astype(np.float32) * scale)
+    # 3 mantissa bits: within 2^-4 relative, or half the subnormal step 2^-9 of the scale.
+    assert np.all(np.abs(deq - w) <= np.maximum(np.abs(w) * 2.0**-4, scale * 2.0**-10) * 1.0001)
+
+
 def test_quantized_kernel_is_one_leaf_for_paths_plan_and_init():
     params = Q.quantize_params(
         {"stack": {"kernel": jnp.asarray(_normal(3, (2, 16, 8)))},
@@ -244,11 +325,13 @@ def test_quantized_kernel_is_one_leaf_for_paths_plan_and_init():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: Q.quantize(jnp.ones((4, 4)), "int4"), ValueError, "`scheme` must be one of"),
+        (lambda: Q.quantize(jnp.ones((4, 4)), "int3"), ValueError, "`scheme` must be one of"),
         (lambda: Q.quantize(jnp.ones((4, 4), jnp.int32)), TypeError, "floating-point kernel"),
         (lambda: Q.quantize(jnp.ones(4)), TypeError, r"shape \(4,\)"),
         (lambda: Q.quantize(jnp.ones((4, 4)), block_size=63), ValueError, "even"),
         (lambda: Q.quantize(jnp.ones((4, 4)), "int8", double_quant=True), ValueError, "nf4"),
+        (lambda: Q.quantize(jnp.ones((4, 4)), "int4", double_quant=True), ValueError,
+         r"\['nf4'\] only, not 'int4'"),
         (lambda: Q.quantize(jnp.ones((4, 4)), layout="sio"), ValueError, "'sio'"),
     ],
 )
@@ -320,8 +403,10 @@ def _direct(qparams, ads, x):
     return _model(dense, x)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("mix", MIXES)
+# Eager (the same interpretation, op by op) for the first mixes only: it is slow.
+@pytest.mark.parametrize("mix, jit", [(m, j) for m in MIXES for j in (False, True)
+                                      if j or m != "mix-c"],
+                         ids=lambda v: {True: "jit", False: "eager"}.get(v, v))
 def test_factored_on_quantized_base_equals_direct(quantized, mix, jit):
     qparams = quantized[mix]
     ads = _adapters(qparams)
@@ -452,11 +537,16 @@ def test_linen_scan_over_a_layer_axis_that_is_not_first(scheme, double_quant):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("scheme, double_quant", [("int8", False), ("nf4", False),
-                                                  ("nf4", True)])
-@pytest.mark.parametrize("layout, canonical_shape", [
-    ("oi", (70, 9)), ("oio", (24, 3, 5)), ("soio", (2, 24, 3, 5)), ("isoo", (2, 24, 3, 5)),
-    ("fv", (30, 4)), ("oiww", (4, 3, 3, 6)),
+ORDERS = [("oi", (70, 9)), ("oio", (24, 3, 5)), ("soio", (2, 24, 3, 5)),
+          ("isoo", (2, 24, 3, 5)), ("fv", (30, 4)), ("oiww", (4, 3, 3, 6))]
+
+
+# Every order with the first schemes; the blocked and per-channel code they share with
+# int4 and fp8 is then checked for those on one order each.
+@pytest.mark.parametrize("layout, canonical_shape, scheme, double_quant", [
+    *((*order, *scheme) for scheme in (("int8", False), ("nf4", False), ("nf4", True))
+      for order in ORDERS),
+    (*ORDERS[3], "int4", False), (*ORDERS[1], "fp8", False),
 ])
 def test_any_axis_order_quantizes_as_the_canonical_kernel(layout, canonical_shape, scheme,
                                                           double_quant):
@@ -472,7 +562,7 @@ def test_any_axis_order_quantizes_as_the_canonical_kernel(layout, canonical_shap
     qk = Q.quantize_params({"k": jnp.asarray(w)}, scheme, targets="k", layouts={"k": layout},
                            double_quant=double_quant)["k"]
     assert qk.shape == w.shape and qk.kernel_layout == lay
-    if scheme == "int8":
+    if scheme in ("int8", "fp8"):
         for field in ("values", "scales"):
             np.testing.assert_array_equal(getattr(qk, field),
                                           np.transpose(getattr(qc, field), to_kernel))
@@ -707,6 +797,7 @@ def test_quantized_stack_with_layers_not_first_stays_factored(stack_case, case, 
 @pytest.mark.parametrize("layout, shape, scheme, double_quant", [
     ("iso", (16, L, 8), "int8", False), ("iso", (16, L, 8), "nf4", False),
     ("isoo", (70, L, 2, 4), "nf4", True), ("isoo", (70, L, 2, 4), "int8", False),
+    ("isoo", (70, L, 2, 4), "int4", False),
 ])
 def test_vmap_over_a_stacked_axis_that_is_not_first(layout, shape, scheme, double_quant):
     """``vmap`` of ``dequantize`` over the layer axis where the kernel has it (axis 1):
@@ -782,14 +873,14 @@ def test_merge_into_quantized_base(quantized, mix):
     ads = _adapters(qparams)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        merged = Q.merge(qparams, ads)
+        merged = Q.merge_quantized(qparams, ads)
     for path, leaf in jlora.select(qparams, ".*").items():
         want = _np_dequant(leaf) + np.asarray(ads[path].delta())
         np.testing.assert_allclose(jlora.select(merged, ".*")[path], want,
                                    rtol=1e-6, atol=1e-6)
     first = jlora.select(qparams, ".*")[next(iter(ads))].scheme
     with pytest.warns(Q.QuantizationWarning, match=rf"Requantizing 4 merged .*{first}"):
-        requant = Q.merge(qparams, ads, requantize=True)
+        requant = Q.merge_quantized(qparams, ads, requantize=True)
     for path, leaf in jlora.select(requant, ".*").items():
         old = jlora.select(qparams, ".*")[path]
         assert Q.is_quantized(leaf) and leaf.statics() == old.statics()
@@ -798,6 +889,16 @@ def test_merge_into_quantized_base(quantized, mix):
                           layout=old.kernel_layout, double_quant=old.double_quant)
         np.testing.assert_array_equal(leaf.values, redo.values)
 
+
+
+def test_merge_is_a_deprecated_alias_of_merge_quantized(quantized):
+    qparams = quantized["mix-c"]
+    ads = _adapters(qparams)
+    with pytest.warns(DeprecationWarning, match=r"use `jlora.quantization.merge_quantized`"):
+        old = Q.merge(qparams, ads)
+    for got, want in zip(jax.tree.leaves(old), jax.tree.leaves(Q.merge_quantized(qparams, ads)),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
 
 def test_summary_counts_a_quantized_kernel_as_its_float_kernel():
     w = jax.random.normal(jax.random.key(0), (128, 64))

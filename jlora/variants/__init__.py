@@ -1,4 +1,4 @@
-"""LoRA variants: DoRA, and the inits PiSSA, OLoRA, orthogonal, EVA and CorDA.
+"""LoRA variants: DoRA, and the inits PiSSA, OLoRA, orthogonal, EVA, CorDA and LoftQ.
 
 ==============  =====================================================================
 DoRA            ``LoraConfig(variant="dora")``: a trainable magnitude per output
@@ -12,6 +12,8 @@ EVA             :func:`eva_init` -> ``adapters``: ``A`` from the principal direc
                 of each layer's inputs, ranks redistributed by explained variance.
 CorDA           :func:`corda_init` -> ``(new_params, adapters)``: SVD of ``W·C`` with
                 ``C`` the input covariance (:func:`corda_covariances`).
+LoftQ           :func:`loftq_init` -> ``(new_params, adapters)``: a quantized base and
+                adapters chosen together, so ``Q + s·A@B`` starts close to ``W``.
 ==============  =====================================================================
 
 A variant (how an adapter is initialised, merged and applied in the factored transform)
@@ -48,6 +50,7 @@ from jlora.variants._dora import dora_merged_kernel as dora_merged_kernel
 from jlora.variants._dora import dora_norm as dora_norm
 from jlora.variants._eva import eva_init as eva_init
 from jlora.variants._eva import ipca_step as ipca_step
+from jlora.variants._loftq import loftq_init as loftq_init
 from jlora.variants._svd_inits import olora_init as olora_init
 from jlora.variants._svd_inits import pissa_init as pissa_init
 
@@ -62,6 +65,7 @@ __all__ = [
     "get_variant",
     "init_variant_arrays",
     "ipca_step",
+    "loftq_init",
     "olora_init",
     "orthogonal_factors",
     "pissa_init",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jlora import _paths as paths_lib
 from jlora._adapter import Adapter, Adapters
 from jlora._config import LoraConfig
-from jlora._initializers import init_variant_arrays, kernel_key, plan
+from jlora._initializers import KernelPlan, init_variant_arrays, kernel_key, plan
 from jlora.layouts import Layout
 
 __all__ = ["randomized_svd"]
@@ -57,7 +57,7 @@ def factors_from_matrices(a2, b2, layout: Layout, shape, dtype):
     return a.astype(dtype), b.astype(dtype)
 
 
-def make_adapter(a, b, entry: dict, config: LoraConfig, **overrides) -> Adapter:
+def make_adapter(a, b, entry: KernelPlan, config: LoraConfig, **overrides) -> Adapter:
     fields: dict[str, Any] = dict(
         layout=entry.layout, rank=entry.rank, alpha=entry.alpha, scale=entry.scale,
         policy=config.policy_name, variant=config.variant, dropout=float(config.dropout),

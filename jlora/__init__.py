@@ -13,6 +13,7 @@ import importlib as _importlib
 # Public namespaces: each groups names that belong together and are used less often.
 from jlora import layouts as layouts
 from jlora import multi_adapter as multi_adapter
+from jlora import nnx as nnx
 from jlora import peft as peft
 from jlora import quantization as quantization
 from jlora import scaling as scaling
@@ -82,7 +83,7 @@ __all__ = [
     "save", "load", "abstract_adapters", "adapter_metadata", "AdapterFormatError",
     "summary",
     # namespaces
-    "layouts", "multi_adapter", "peft", "quantization", "scaling", "sharding", "variants",
+    "layouts", "multi_adapter", "nnx", "peft", "quantization", "scaling", "sharding", "variants",
     "__version__",
 ]
 

@@ -204,7 +204,7 @@ def _orthogonal(key, shape, layout: Layout, rank: int, dtype):
     return a.astype(dtype), b.astype(dtype)
 
 
-def _factors(config: LoraConfig, key, entry: dict, dtype):
+def _factors(config: LoraConfig, key, entry: KernelPlan, dtype):
     """The factors :func:`init` creates for one planned kernel (inits that need no data)."""
     args = (key, entry.shape, entry.layout, entry.rank, dtype)
     if config.init in ("default", "gaussian"):

@@ -97,6 +97,8 @@ class LoraBias:
         scaled ``delta`` added, in float32 (PEFT's merge order: ``bias + delta * scale``),
         cast back to the bias's dtype."""
         base = leaf if self.bias is None else self.bias
+        if base is None:
+            raise ValueError("LoraBias.apply needs the frozen bias when it holds none itself.")
         added = base.astype(jnp.float32) + self.delta.astype(jnp.float32) * self.scale
         return added.astype(base.dtype)
 

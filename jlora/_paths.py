@@ -113,7 +113,7 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [path for path, _ in _flatten(tree)[0]]
 
 
-def tree_map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
+def tree_map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Like ``jax.tree_util.tree_map_with_path`` but ``fn`` receives the path string.
 
     Example:

@@ -156,3 +156,12 @@ def test_to_peft_example(tmp_path):
     if "torch check skipped" not in out:  # torch and peft installed: PEFT's logits are jlora's
         gap = float(out.split("largest logit difference ")[1].split()[0])
         assert gap < 1e-4
+
+
+def test_nnx_quickstart():
+    out = finish(start_script("nnx_quickstart.py", "--steps", "40"))
+    assert "hidden/kernel" in out and "rslora" in out
+    before = float(out.split("frozen base: ")[1].split()[0])
+    after = float(out.split("with LoRA (rank 4): ")[1].split()[0])
+    assert after < before / 5
+    assert float(out.split("max difference ")[1].split()[0]) < 1e-4

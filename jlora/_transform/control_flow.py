@@ -43,17 +43,24 @@ def rule_remat(interp, eqn, invals):
     p = eqn.params
     jaxpr = p["jaxpr"]
     inner = interp.sub()
+    # An output that is one of the body's inputs (nnx.remat returns the module's state)
+    # is that input, passed through as it is: a kernel stays factored.
+    forwarded = {i: jaxpr.invars.index(v) for i, v in enumerate(jaxpr.outvars)
+                 if v in jaxpr.invars}
+    kept = [i for i in range(len(jaxpr.outvars)) if i not in forwarded]
 
     def body(*vals):
         outs = inner.eval_jaxpr(jaxpr, [], vals)
         reason = f"materialised: the kernel is returned from {describe(eqn)}"
-        return inner.materialise_all(outs, reason), inner.flush()
+        return inner.materialise_all([outs[i] for i in kept], reason), inner.flush()
 
-    outs, flushed = jax.checkpoint(
+    computed, flushed = jax.checkpoint(
         body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy")
     )(*invals)
     interp.absorb(flushed)
-    return outs
+    outs = dict(zip(kept, computed, strict=True))
+    outs.update({i: invals[j] for i, j in forwarded.items()})
+    return [outs[i] for i in range(len(jaxpr.outvars))]
 
 
 @register(jc.scan_p, kind="carry")
@@ -80,6 +87,9 @@ def rule_scan(interp, eqn, invals):
             xs_in.append(x)
     closed = p["jaxpr"]
     inner = interp.sub()
+    # ys index -> xs index: a factored slice the body returns as it came in (nnx.scan
+    # returns the scanned modules' state) is that kernel again, kept factored.
+    forwarded: dict[int, int] = {}
 
     def body(carry, x_slices):
         x_vals = [
@@ -87,6 +97,11 @@ def rule_scan(interp, eqn, invals):
             for x, kind in zip(x_slices, kinds, strict=True)
         ]
         outs = inner.eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *x_vals])
+        for k, y in enumerate(outs[ncarry:]):
+            for j, x in enumerate(x_vals):
+                if kinds[j] and y is x:
+                    forwarded[k] = j
+        outs = [*outs[:ncarry], *(y for k, y in enumerate(outs[ncarry:]) if k not in forwarded)]
         reason = f"materialised: the kernel is an output of {describe(eqn)}"
         outs = inner.materialise_all(outs, reason)
         return outs[:ncarry], (outs[ncarry:], inner.flush())
@@ -96,7 +111,10 @@ def rule_scan(interp, eqn, invals):
         unroll=p.get("unroll", 1),
     )
     interp.absorb(flushed)
-    return [*carry, *ys]
+    computed = iter(ys)
+    n_ys = len(eqn.outvars) - ncarry
+    return [*carry, *(xs[forwarded[k]] if k in forwarded else next(computed)
+                      for k in range(n_ys))]
 
 
 @register(jc.while_p, kind="carry")

@@ -87,7 +87,8 @@ def _layouts(flat: Mapping, kernels: dict, layouts) -> dict:
 
 
 def export_parts(adapters: Adapters, extra, modules: Mapping[str, list], *, base=None,
-                 names: Names = None, layouts=None, save_embedding_layers=False):
+                 names: Names = None, layouts=None,
+                 save_embedding_layers: bool | str = False):
     """``(tensors, config fields)`` for what ``extra`` trains beside ``adapters`` and the
     base weights ``save_embedding_layers`` selects. ``modules`` is ``{kernel path:
     [(index, module name)]}`` of the exported LoRA modules."""

@@ -232,7 +232,9 @@ def fuse(pieces: list[Adapter | None], widths: list[int], out_b: int, out_m: int
         b = jnp.concatenate(rows, axis=ns)
     magnitude = None
     if first.magnitude is not None:
-        magnitude = jnp.concatenate([p.magnitude for p in present], axis=out_m)
+        # the parts share one variant (checked above), so each has its magnitude
+        magnitude = jnp.concatenate([p.magnitude for p in present if p.magnitude is not None],
+                                    axis=out_m)
     return Adapter(a=a, b=b, magnitude=magnitude, layout=layout, variant=first.variant,
                    dropout=first.dropout, **_fields(first, policies, rank))
 

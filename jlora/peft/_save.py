@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 from collections.abc import Mapping
+from typing import cast
 
 import jax
 import numpy as np
@@ -193,7 +194,8 @@ def export(
     """
     trained = None
     if isinstance(adapters, dict) and set(adapters) == {ADAPTERS_KEY, PARAMS_KEY}:
-        adapters, trained = adapters[ADAPTERS_KEY], adapters[PARAMS_KEY]
+        # split_trainable's `trainable`: the adapters plus the params trained beside them
+        adapters, trained = cast(Adapters, adapters[ADAPTERS_KEY]), adapters[PARAMS_KEY]
     check_adapters(adapters)
     if not adapters:
         raise ValueError("`adapters` is empty: there is nothing to export.")

@@ -145,6 +145,7 @@ def import_view(config, tensors: dict, metadata: dict, params, names: Names, lay
         )
     if not isinstance(layouts, Mapping | None):
         return identity  # the reader refuses it
+    entries = entries or {}
     patterns = LoraConfig(layouts=dict(layouts or {})).layout_patterns()
     structured = {p: e for p, e in entries.items() if isinstance(e, _SPECS)}
     view_params = {p: leaf for p, leaf in flat.items() if p not in structured}

@@ -71,7 +71,8 @@ def replace_leaves(params, new_leaves: dict):
     return paths_lib.tree_map_with_path(lambda p, x: new_leaves.get(p, x), params)
 
 
-def check_layouts(planned: dict, init_name: str, *, stacked_ok: bool, embed_ok: bool) -> None:
+def check_layouts(planned: dict[str, KernelPlan], init_name: str, *, stacked_ok: bool,
+                  embed_ok: bool) -> None:
     for path, entry in planned.items():
         layout = entry.layout
         if (layout.kind == "embed" and not embed_ok) or (layout.num_stacked and not stacked_ok):

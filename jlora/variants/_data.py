@@ -21,16 +21,17 @@ from collections.abc import Iterable, Iterator, Mapping
 import jax.numpy as jnp
 
 from jlora import _paths as paths_lib
+from jlora._initializers import KernelPlan
 from jlora._transform.api import collect_inputs
 
 
-def fan_in_sizes(planned: Mapping[str, dict]) -> dict[str, int]:
+def fan_in_sizes(planned: Mapping[str, KernelPlan]) -> dict[str, int]:
     """``{path: fan-in size}`` of :func:`jlora.plan` entries (window x in for a conv)."""
     return {p: math.prod(e.layout.split_shape(e.shape)[1]) for p, e in planned.items()}
 
 
 def input_batches(
-    params, planned: Mapping[str, dict], *, inputs=None, fn=None, batches=None, init_name: str
+    params, planned: Mapping[str, KernelPlan], *, inputs=None, fn=None, batches=None, init_name: str
 ) -> Iterator[dict]:
     """Yield one ``{path: (N, fan_in) float32}`` per batch for the paths of ``planned``."""
     fan_in = fan_in_sizes(planned)

@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from jlora import _jax_compat as jc
+
 __all__ = ["DotSpec", "factored_dot", "factored_dots"]
 
 
@@ -59,37 +61,56 @@ class DotSpec:
     preferred_element_type: Any
     kernel_is_lhs: bool
     r_l: str = ""  # the rank letter (in g_l, t_l and h_l); needed by factored_dots
+    # the original dot's out_sharding (a mesh with Explicit axes), given to every product
+    # shaped like the output or like t
+    out_sharding: Any = None
 
     def base(self, x, w):
         lhs, rhs = (w, x) if self.kernel_is_lhs else (x, w)
+        extra = {} if self.out_sharding is None else {"out_sharding": self.out_sharding}
         return jax.lax.dot_general(
             lhs, rhs, self.dimension_numbers, precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
+            preferred_element_type=self.preferred_element_type, **extra,
         )
 
-    def einsum(self, spec: str, a, b):
+    def sharding(self, letters: str):
+        """The out_sharding of a product with axes ``letters``: the output's spec on the
+        letters it shares with the output, unsharded on the others (the rank)."""
+        if self.out_sharding is None:
+            return None
+        spec = tuple(self.out_sharding.spec) + (None,) * len(self.out_l)
+        return jax.sharding.NamedSharding(self.out_sharding.mesh, jax.sharding.PartitionSpec(
+            *(spec[self.out_l.index(c)] if c in self.out_l else None for c in letters)))
+
+    def einsum(self, spec: str, a, b, out_sharding=None):
+        # out_sharding only when given: a mesh with Explicit axes needs it for an output
+        # whose contracted axes are sharded (see jc.explicit_sharding).
+        extra = {} if out_sharding is None else {"out_sharding": out_sharding}
         return jnp.einsum(
             spec, a, b, precision=self.precision,
-            preferred_element_type=self.preferred_element_type,
+            preferred_element_type=self.preferred_element_type, **extra,
         )
 
 
-def _dg(spec: DotSpec, u, x):
+def _dg(spec: DotSpec, u, x, g):
     """``dg = xᵀ·u`` computed as ``(uᵀ·x)ᵀ``: XLA:CPU's matmul wants the contracted axis
     of its left operand last, so ``xᵀ·u`` copies a transposed ``x`` (as big as the layer
-    input) first, whereas ``uᵀ·x`` transposes only ``u`` (rank ``r`` wide) and the result."""
+    input) first, whereas ``uᵀ·x`` transposes only ``u`` (rank ``r`` wide) and the result.
+    ``g`` (the factor) gives the gradient its sharding on a mesh with Explicit axes."""
     first = [c for c in spec.g_l if c in spec.t_l and c not in spec.x_l]  # the rank letter
     rest = [c for c in spec.g_l if c not in first]
     tmp_l = "".join(first + rest)
-    tmp = spec.einsum(f"{spec.t_l},{spec.x_l}->{tmp_l}", u, x)
+    sharding = jc.explicit_sharding(g, [spec.g_l.index(c) for c in tmp_l])
+    tmp = spec.einsum(f"{spec.t_l},{spec.x_l}->{tmp_l}", u, x, sharding)
     return jnp.transpose(tmp, [tmp_l.index(c) for c in spec.g_l])
 
 
 def _forward(spec: DotSpec, x, x_in, w, g, h):
     base = spec.base(x, w)
-    t = spec.einsum(f"{spec.x_l},{spec.g_l}->{spec.t_l}", x if x_in is None else x_in, g)
+    t = spec.einsum(f"{spec.x_l},{spec.g_l}->{spec.t_l}", x if x_in is None else x_in, g,
+                    spec.sharding(spec.t_l))
     t = t * jnp.asarray(spec.scale, t.dtype)
-    branch = spec.einsum(f"{spec.t_l},{spec.h_l}->{spec.out_l}", t, h)
+    branch = spec.einsum(f"{spec.t_l},{spec.h_l}->{spec.out_l}", t, h, spec.sharding(spec.out_l))
     return base + branch.astype(base.dtype), t
 
 
@@ -161,7 +182,7 @@ def _bwd(spec, res, dy):
         dw = dw.astype(w.dtype)
     dy_b = dy.astype(t.dtype)
     # u = s·(dy·hᵀ): the cotangent of the unscaled thin product x·g.
-    u = spec.einsum(f"{spec.out_l},{spec.h_l}->{spec.t_l}", dy_b, h)
+    u = spec.einsum(f"{spec.out_l},{spec.h_l}->{spec.t_l}", dy_b, h, jc.explicit_sharding(t))
     u = u * jnp.asarray(spec.scale, u.dtype)
     src = x if x_in is None else x_in
     if needed.x if x_in is None else needed.x_in:
@@ -171,9 +192,10 @@ def _bwd(spec, res, dy):
         else:
             dx_in = dx_branch
     if needed.g:
-        dg = _dg(spec, u, src).astype(g.dtype)
+        dg = _dg(spec, u, src, g).astype(g.dtype)
     if needed.h:
-        dh = spec.einsum(f"{spec.t_l},{spec.out_l}->{spec.h_l}", t, dy_b).astype(h.dtype)
+        dh = spec.einsum(f"{spec.t_l},{spec.out_l}->{spec.h_l}", t, dy_b,
+                         jc.explicit_sharding(h)).astype(h.dtype)
     return dx, dx_in, dw, dg, dh
 
 
@@ -209,13 +231,15 @@ def factored_dots(spec: DotSpec, scales: tuple, x, ws, gs, hs):
 def _forward_group(spec, scales, x, ws, gs, hs):
     g_axis, t_axis = spec.g_l.index(spec.r_l), spec.t_l.index(spec.r_l)
     ranks = [g.shape[g_axis] for g in gs]
-    big = spec.einsum(f"{spec.x_l},{spec.g_l}->{spec.t_l}", x, jnp.concatenate(gs, g_axis))
+    big = spec.einsum(f"{spec.x_l},{spec.g_l}->{spec.t_l}", x, jnp.concatenate(gs, g_axis),
+                      spec.sharding(spec.t_l))
     ts = jnp.split(big, list(np.cumsum(ranks)[:-1]), axis=t_axis)
     ys = []
     for w, t, h, s in zip(ws, ts, hs, scales, strict=True):
         t = t * jnp.asarray(s, t.dtype)
         base = spec.base(x, w)
-        branch = spec.einsum(f"{spec.t_l},{spec.h_l}->{spec.out_l}", t, h)
+        branch = spec.einsum(f"{spec.t_l},{spec.h_l}->{spec.out_l}", t, h,
+                             spec.sharding(spec.out_l))
         ys.append(base + branch.astype(base.dtype))
     return ys, big
 
@@ -256,7 +280,8 @@ def _bwd_group(spec, scales, res, dys):
             dxk = None
         if dxk is not None:
             dx = dxk if dx is None else dx + dxk
-        u = spec.einsum(f"{spec.out_l},{spec.h_l}->{spec.t_l}", dy.astype(big.dtype), h)
+        u = spec.einsum(f"{spec.out_l},{spec.h_l}->{spec.t_l}", dy.astype(big.dtype), h,
+                        jc.explicit_sharding(big))
         us.append(u * jnp.asarray(scales[k], u.dtype))
     u_all = jnp.concatenate(us, t_axis)
     g_all = jnp.concatenate(gs, g_axis)
@@ -265,7 +290,7 @@ def _bwd_group(spec, scales, res, dys):
         dx = dx_branch.astype(x.dtype) if dx is None else (dx + dx_branch).astype(x.dtype)
     dgs = [None] * n
     if need_g:
-        dg_all = _dg(spec, u_all, x)
+        dg_all = _dg(spec, u_all, x, g_all)
         dgs = [d.astype(g.dtype) for d, g in
                zip(jnp.split(dg_all, cuts, axis=g_axis), gs, strict=True)]
     dhs = [None] * n
@@ -275,7 +300,8 @@ def _bwd_group(spec, scales, res, dys):
             if live[k]:
                 t = ts[k] * jnp.asarray(scales[k], big.dtype)
                 dhs[k] = spec.einsum(f"{spec.t_l},{spec.out_l}->{spec.h_l}", t,
-                                     dys[k].astype(big.dtype)).astype(hs[k].dtype)
+                                     dys[k].astype(big.dtype),
+                                     jc.explicit_sharding(hs[k])).astype(hs[k].dtype)
     dws = [None if d is None else d.astype(w.dtype) for d, w in zip(dws, ws, strict=True)]
     return dx, dws, dgs, dhs
 

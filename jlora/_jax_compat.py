@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,8 +39,11 @@ __all__ = [
     "aval_of",
     "bind_eqn",
     "eqn_context",
+    "explicit_sharding",
     "is_tracer",
     "make_closed_jaxpr",
+    "ragged_dims",
+    "ragged_dot",
     "source_summary",
 ]
 
@@ -81,6 +86,7 @@ custom_vjp_call_p = prims.custom_vjp_call_p
 sharding_constraint_p = prims.sharding_constraint_p
 device_put_p = prims.device_put_p
 name_p = prims.name_p  # checkpoint_name
+stop_gradient_p = prims.stop_gradient_p
 # Moves and consumers the layout reader (jlora._layout_inference) also follows.
 concatenate_p = prims.concatenate_p
 pad_p = prims.pad_p
@@ -89,6 +95,63 @@ split_p = jax.lax.split_p  # what jnp.split emits
 optimization_barrier_p = jax.lax.optimization_barrier_p
 # jax.lax.ragged_dot (mixture-of-experts); the primitive is in no public module.
 ragged_dot_general_p = _public_or_private(prims, "ragged_dot_general_p", "lax.lax")
+
+
+# -- ragged_dot ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedDims:
+    """The dimension numbers of a ``ragged_dot_general`` in plain tuples.
+
+    ``lhs_contract``/``rhs_contract`` and ``lhs_batch``/``rhs_batch`` pair up as in
+    ``dot_general``; ``lhs_ragged`` are the lhs axes split into groups by ``group_sizes``
+    and ``rhs_group`` the rhs axes indexed by group (one, for ``jax.lax.ragged_dot``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jlora import _jax_compat as jc
+      >>> f = lambda x, w, g: [jax.lax.ragged_dot(x, w, g)]
+      >>> avals = [jc.aval_of(jnp.ones(s, t)) for s, t in
+      ...          [((6, 4), jnp.float32), ((3, 4, 5), jnp.float32), ((3,), jnp.int32)]]
+      >>> d = ragged_dims(jc.make_closed_jaxpr(f, avals).jaxpr.eqns[0])
+      >>> d.lhs_contract, d.rhs_contract, d.lhs_ragged, d.rhs_group
+      ((1,), (1,), (0,), (0,))
+    """
+
+    lhs_contract: tuple[int, ...]
+    rhs_contract: tuple[int, ...]
+    lhs_batch: tuple[int, ...]
+    rhs_batch: tuple[int, ...]
+    lhs_ragged: tuple[int, ...]
+    rhs_group: tuple[int, ...]
+
+    def numbers(self):
+        """As ``jax.lax.RaggedDotDimensionNumbers`` (the argument of ``ragged_dot_general``)."""
+        return jax.lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=((list(self.lhs_contract), list(self.rhs_contract)),
+                                   (list(self.lhs_batch), list(self.rhs_batch))),
+            lhs_ragged_dimensions=list(self.lhs_ragged),
+            rhs_group_dimensions=list(self.rhs_group),
+        )
+
+
+def ragged_dims(eqn) -> RaggedDims:
+    """The :class:`RaggedDims` of a ``ragged_dot_general`` equation (the same params in
+    jax 0.8.2 and 0.10; 0.10 adds ``out_sharding``, which the transform leaves alone)."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    return RaggedDims(tuple(lc), tuple(rc), tuple(lb), tuple(rb),
+                      tuple(dn.lhs_ragged_dimensions), tuple(dn.rhs_group_dimensions))
+
+
+def ragged_dot(lhs, rhs, group_sizes, dims: RaggedDims, *, precision=None,
+               preferred_element_type=None):
+    """``jax.lax.ragged_dot_general`` with :class:`RaggedDims` (no ``group_offset``)."""
+    return jax.lax.ragged_dot_general(
+        lhs, rhs, group_sizes, dims.numbers(), precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
 
 
 def is_tracer(x: Any) -> bool:
@@ -240,3 +303,26 @@ def define_primitive(name: str, fn, *, batch_rule):
     ad.primitive_jvps[prim] = jvp
     batching.primitive_batchers[prim] = batch_rule
     return prim
+
+
+def explicit_sharding(like: Any, order: Sequence[int] | None = None):
+    """The sharding that an output shaped like ``like`` (transposed by ``order``) gets on
+    a mesh with Explicit axes (sharding in types, the default of ``jax.make_mesh`` since
+    jax 0.7): ``like``'s own, or replicated when ``like`` is not on that mesh (a factor
+    made outside it). None when the current mesh has no Explicit axis.
+
+    Under Explicit axes an ``einsum`` whose contracted axes are sharded must be told its
+    output's sharding; a gradient gets the sharding of the array it is the gradient of.
+    """
+    explicit = jax.sharding.AxisType.Explicit
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or explicit not in tuple(mesh.axis_types):
+        return None
+    own = getattr(jax.typeof(like), "sharding", None)
+    ndim = len(jax.typeof(like).shape)
+    spec = (None,) * ndim
+    if own is not None and not own.mesh.empty:
+        spec = tuple(own.spec) + (None,) * (ndim - len(own.spec))
+    if order is not None:
+        spec = tuple(spec[i] for i in order)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))

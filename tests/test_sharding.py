@@ -341,6 +341,7 @@ SHARDED_CHECKS = [
     "train_step_scanned",
     "explicit_mesh_merge",
     "factored_step",
+    "factored_step_explicit",
     "nnx",
 ]
 

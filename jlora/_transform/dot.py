@@ -86,6 +86,7 @@ class DotPlan:
             self.x_l, self.g_l, self.t_l, self.h_l, self.out_l, self.fv.meta.scale,
             self.eqn.params["dimension_numbers"], kw["precision"],
             kw["preferred_element_type"], self.kernel_is_lhs, self.r_l,
+            self.eqn.params.get("out_sharding"),
         )
 
 

@@ -247,6 +247,45 @@ def check_factored_step():
                                    err_msg=path)
 
 
+def check_factored_step_explicit():
+    """jlora.lora's value and gradients on a mesh with Explicit axes (sharding in types,
+    jax.make_mesh's default), in an MLP written for it (its down projection names its
+    output sharding): the factored backward says how its weight gradients are sharded, as
+    JAX's own dot transpose does, where the sharded batch is contracted."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    key_up, key_down, key_x = jax.random.split(jax.random.key(3), 3)
+    params = {"up": {"kernel": jax.random.normal(key_up, (16, 32)) * 0.3},
+              "down": {"kernel": jax.random.normal(key_down, (32, 16)) * 0.3}}
+    x = jax.random.normal(key_x, (8, 16))
+    adapters = jax.tree.map(lambda a: a + 0.05, jlora.init(jax.random.key(1), params,
+                                                           jlora.LoraConfig(rank=2)))
+
+    def mlp(p, x):
+        h = jax.nn.relu(x @ p["up"]["kernel"])
+        out = None if jax.sharding.get_abstract_mesh().empty else P("data", None)
+        return jnp.matmul(h, p["down"]["kernel"], out_sharding=out)
+
+    def loss(ads, p, x, apply):
+        return jnp.mean(apply(p, ads, x) ** 2)
+
+    merged = lambda p, a, x: mlp(jlora.merge(p, a), x)  # noqa: E731
+    ref = jax.jit(jax.value_and_grad(loss), static_argnums=3)(adapters, params, x, merged)
+    param_sh = {"up": {"kernel": NamedSharding(mesh, P(None, "model"))},
+                "down": {"kernel": NamedSharding(mesh, P("model", None))}}
+    abstract = jax.eval_shape(lambda: adapters)
+    ad_sh = jlora.adapter_shardings(abstract, param_sh)
+    with jax.set_mesh(mesh):
+        args = (jax.device_put(adapters, ad_sh), jax.device_put(params, param_sh),
+                jax.device_put(x, NamedSharding(mesh, P("data", None))))
+        got = jax.jit(jax.value_and_grad(loss), static_argnums=3)(*args, jlora.lora(mlp))
+    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=RTOL, atol=ATOL)
+    for (path, g), r in zip(jlora.select(got[1], ".*").items(),
+                            jlora.select(ref[1], ".*").values(), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=RTOL, atol=ATOL,
+                                   err_msg=path)
+        assert g.sharding.spec == jlora.select(ad_sh, ".*")[path].spec, (path, g.sharding)
+
+
 def check_nnx():
     """NNX sharding metadata (out_sharding + logical rules) gives the same rule, and
     jit(jlora.init) on an NNX state creates the factors sharded."""
@@ -305,6 +344,7 @@ CHECKS = {
     "train_step_scanned": lambda: check_train_step(True),
     "explicit_mesh_merge": check_explicit_mesh_merge,
     "factored_step": check_factored_step,
+    "factored_step_explicit": check_factored_step_explicit,
     "nnx": check_nnx,
 }
 

@@ -43,6 +43,16 @@ def peft_dir(tmp_path, **config_changes):
     return path
 
 
+def lora_bias_peft_dir(tmp_path):
+    """A PEFT adapter with a trained lora_B bias (PEFT's lora_bias=True)."""
+    path = tmp_path / "lora_bias"
+    trainable, _ = jlora.split_trainable(params(), adapters(), lora_bias=True)
+    bias = trainable["params"]["enc"]["dense"]["bias"]
+    trainable["params"]["enc"]["dense"]["bias"] = bias.replace(delta=bias.delta + 0.5)
+    jlora.peft.save(path, trainable)
+    return path
+
+
 def square_conv1d_peft_dir(tmp_path):
     """A PEFT adapter of a square kernel, trained (as its config says) on PEFT's Conv1D."""
     path = tmp_path / "square"
@@ -187,8 +197,9 @@ CASES = [
      lambda t: jlora.load(native_dir(t), {"enc": {"dense": {"kernel": jnp.ones((8, 3))}}}),
      ValueError, r"'enc/dense/kernel'.*\(8, 4\).*\(8, 3\)|\(8, 3\).*\(8, 4\)"),
     # -- PEFT --------------------------------------------------------------------------
-    ("peft-lora-bias", lambda t: jlora.peft.load(peft_dir(t, lora_bias=True), params()),
-     ValueError, r"`lora_bias`=True, which jlora cannot load"),
+    ("peft-lora-bias", lambda t: jlora.peft.load(lora_bias_peft_dir(t), params()),
+     ValueError, r"adapter_model.safetensors holds trained weights beside the LoRA factors.*"
+                 r"enc.dense.lora_B.bias.*jlora.peft.load_trainable"),
     ("peft-loftq", lambda t: jlora.peft.load(peft_dir(t, init_lora_weights="loftq"), params()),
      ValueError, r"`init_lora_weights`='loftq'"),
     ("peft-unknown-field", lambda t: jlora.peft.load(peft_dir(t, use_magic=True), params()),

@@ -215,7 +215,7 @@ def _check_covariances(covariances, planned: dict) -> None:
         if shape != (d, d):
             raise ValueError(
                 f"`covariances[{path!r}]` has shape {shape}: expected ({d}, {d}), the "
-                f"kernel's fan-in size squared (kernel shape {entry['shape']})."
+                f"kernel's fan-in size squared (kernel shape {entry.shape})."
             )
         try:
             host = np.asarray(cov)

@@ -1,34 +1,39 @@
-"""A LoRA train step on a quantized frozen base (QLoRA) next to a bf16 base.
+"""A LoRA train step on a quantized frozen base (QLoRA) next to the same step on a bf16
+base, on the unchanged train-step benchmark model.
 
-The model is the benchmarks' pre-LN transformer (``common.block``) written in plain JAX
-over stacked layer params under ``lax.scan``; every dense layer reads its kernel through
-``jlora.quantization.dequantize``, so one function runs on float, bf16 and quantized
-params. Adapters (rank ``r``, float32) sit on all six kernels of every block, with ``B``
-set non-zero so the adapted model differs from the base.
+The model is ``common.Transformer``: linen ``nn.Dense`` and ``nn.LayerNorm`` layers in
+pre-LN blocks under ``nn.scan``, as ``bench_train_step.py`` measures it. Its code reads
+every kernel as an array and knows nothing of quantization: ``jlora.lora(apply)`` runs it
+on params whose kernels are ``QuantizedKernel`` s, dequantizing each where a dot consumes
+it (one layer at a time, again in the backward pass). Adapters (float32, rank ``r``) sit
+on all six kernels of every block, with ``B`` non-zero.
 
-Rows:
+Rows (the base kernels; biases and norms stay float32):
 
-============  ======================================================================
-float32       the unquantized base: the reference for the output error
-bf16          kernels stored in bf16 (the baseline for memory)
-int8          int8, one scale per output channel
-nf4           NF4, blocks of 64, float32 block scales
-nf4+dq        NF4 with double quantization of the block scales (QLoRA)
-nf4 naive     NF4 base, but the step differentiates ``f(jlora.merge(params, adapters))``
-              instead of ``jlora.lora(f)``: every float kernel is formed in the step
-============  ======================================================================
+==============  ==========================================================================
+bf16            kernels stored in bf16: the baseline (``jlora.lora``, factored step)
+int8            int8 from the bf16 kernels, one scale per output channel
+nf4             NF4, blocks of 64, float32 block scales
+nf4+dq          NF4 with double quantization of the block scales (QLoRA)
+nf4 dequant.    NF4 base, but the step runs ``apply(merge(dequantize_params(q), adapters))``:
+                every float kernel is formed in the step, as without ``jlora.lora``
+qwix nf4        qwix's QLoRA (``LoraProvider(weight_qtype="nf4", tile_size=64)``) on the
+                same model and numbers, when qwix is installed (``pip install jlora[bench]``)
+==============  ==========================================================================
 
-Columns: bytes of the base's kernels; XLA's memory analysis of the compiled train step
-(``value_and_grad`` w.r.t. the adapters plus an Adam update; arguments = base params,
-adapters, optimizer state and the batch; temp = everything else it allocates), the
-argument bytes as a ratio to the bf16 row; the kernels' RMS error relative to the
-float32 kernels; and the relative output error of the adapted model against the same
-adapters on the float32 base, ``‖y - y_f32‖ / ‖y_f32‖`` over the batch.
+Columns: bytes of the base's kernels; XLA's memory analysis of the compiled step
+(``value_and_grad`` w.r.t. the adapters plus an Adam update): arguments (base params,
+adapters, Adam moments, batch), and temp (everything else the step allocates), each
+also as a ratio to the bf16 row; wall-clock per step (median over the timed steps of each
+repetition, median [min-max] over repetitions, rows interleaved step by step) and its
+ratio to the bf16 row within each repetition; the relative output error of the adapted
+model against the same adapters on the float32 kernels, ``|y - y_f32| / |y_f32|``.
 
 Usage::
 
-  python benchmarks/bench_quantized.py --small    # seconds: tiny shapes
-  python benchmarks/bench_quantized.py            # the documented table (a minute or two)
+  python benchmarks/bench_quantized.py            # the documented table (2-3 minutes, 2 cores)
+  python benchmarks/bench_quantized.py --small    # tiny shapes: a smoke run
+  python benchmarks/bench_quantized.py --rank 16 --repeats 5
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
+import warnings
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,144 +57,268 @@ import common  # noqa: E402
 import jlora  # noqa: E402
 from jlora import quantization as Q  # noqa: E402
 
-MEDIUM = common.ModelConfig(d_model=512, heads=8, mlp=2048, layers=4, seq=128, batch=4,
-                            rank=16, alpha=32.0)
+# Wide enough that the frozen kernels dominate the step's arguments, as in real QLoRA
+# (rank 8 on width 1024 adds 1.6% trainable parameters; QLoRA's rank 64 on 4096, 3%),
+# small enough for about two minutes on two CPU cores.
+DEFAULT = common.ModelConfig(d_model=1024, heads=16, mlp=4096, layers=2, seq=32, batch=2,
+                             rank=8, alpha=16.0)
+ROWS = ("bf16", "int8", "nf4", "nf4+dq", "nf4 dequant.", "qwix nf4")
+LABELS = {"nf4 dequant.": "nf4, dequantized in the step",
+          "qwix nf4": "qwix's QLoRA (nf4, tiles of 64)"}
+SCHEMES = {"int8": ("int8", False), "nf4": ("nf4", False), "nf4+dq": ("nf4", True),
+           "nf4 dequant.": ("nf4", False)}
+KERNELS = r"layers/.*/kernel"
+# The acceptance bounds the table is read against.
+ARGS_BOUND, TEMP_BOUND = 0.35, 1.0
 
 
-def init_params(cfg: common.ModelConfig, key) -> dict:
-    """Float32 params of ``cfg.layers`` stacked blocks: ``{name: {kernel, bias}}``."""
-    d, f, n = cfg.d_model, cfg.mlp, cfg.layers
-    shapes = {"query": (d, d), "key": (d, d), "value": (d, d), "out": (d, d),
-              "up": (d, f), "down": (f, d)}
-    params = {}
-    for i, (name, (fi, fo)) in enumerate(shapes.items()):
-        w = jax.random.normal(jax.random.fold_in(key, i), (n, fi, fo)) / jnp.sqrt(fi)
-        params[name] = {"kernel": w, "bias": jnp.zeros((n, fo))}
-    for name in ("ln_attn", "ln_mlp"):
-        params[name] = {"scale": jnp.ones((n, d)), "bias": jnp.zeros((n, d))}
-    return {"layers": params}
+class Unavailable(Exception):
+    """A row that cannot run here; the message says why and goes into the table."""
 
 
-def apply(cfg: common.ModelConfig, params: dict, x: jax.Array) -> jax.Array:
-    """The stack under ``lax.scan``; kernels read through ``dequantize`` (float or not)."""
+@dataclasses.dataclass
+class Setup:
+    cfg: common.ModelConfig
+    x: jax.Array
+    params: dict  # float32 linen params (no "params" wrapper)
+    bf16: dict  # the same with bf16 kernels
+    adapters: dict
+    optimizer: optax.GradientTransformation
 
-    def layer(h, p):
-        def dense(name, h, _):
-            w = Q.dequantize(p[name]["kernel"])
-            return (h @ w.astype(h.dtype)) + p[name]["bias"]
-
-        def norm(name, h):
-            mean = h.mean(-1, keepdims=True)
-            var = jnp.square(h - mean).mean(-1, keepdims=True)
-            return (h - mean) * jax.lax.rsqrt(var + 1e-6) * p[name]["scale"] + p[name]["bias"]
-
-        return common.block(cfg, h, dense, norm), None
-
-    return jax.lax.scan(layer, x, params["layers"])[0]
+    def apply(self, params, x):
+        return common.Transformer(self.cfg).apply({"params": params}, x)
 
 
-def base_variant(params: dict, kind: str) -> dict:
-    """The base params stored as ``kind``: float32, bf16 or a quantization scheme."""
-    if kind == "float32":
-        return params
-    bf16 = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
-    kernels = r"layers/.*/kernel"
-    if kind == "bf16":
-        return jlora.tree_map_with_path(
-            lambda p, w, b: b if p.endswith("/kernel") else w, params, bf16)
-    floats = jlora.tree_map_with_path(
-        lambda p, w, b: b if p.endswith("/kernel") else w, params, bf16)
-    scheme, dq = {"int8": ("int8", False), "nf4": ("nf4", False), "nf4+dq": ("nf4", True),
-                  "nf4 naive": ("nf4", False)}[kind]
-    return Q.quantize_params(floats, scheme, targets=kernels, layouts={"layers/.*": "s..."},
-                             double_quant=dq)
-
-
-def kernel_bytes(params: dict) -> int:
-    flat = jlora.select(params, r".*/kernel")
-    return sum(x.nbytes if Q.is_quantized(x) else x.size * x.dtype.itemsize
-               for x in flat.values())
-
-
-def adapters_for(params: dict, cfg: common.ModelConfig, key) -> dict:
+def make_setup(cfg: common.ModelConfig) -> Setup:
+    kx, kp, ka, kb = jax.random.split(jax.random.key(0), 4)
+    x = common.inputs(cfg, kx)
+    params = jax.jit(common.Transformer(cfg).init)(kp, x)["params"]
+    bf16 = jlora.tree_map_with_path(
+        lambda path, w: w.astype(jnp.bfloat16) if path.endswith("/kernel") else w, params)
     config = jlora.LoraConfig(rank=cfg.rank, alpha=cfg.alpha, targets=common.TARGETS,
                               layouts=common.LAYOUTS)
-    ads = jlora.init(key, params, config)
-    # Non-zero B so the adapted model is not the base.
-    return {p: a.replace(b=0.02 * jax.random.normal(jax.random.fold_in(key, i), a.b.shape))
-            for i, (p, a) in enumerate(sorted(ads.items()))}
+    adapters = jlora.init(ka, params, config)
+    keys = dict(zip(adapters, jax.random.split(kb, len(adapters)), strict=True))
+    adapters = {p: a.replace(b=0.02 * jax.random.normal(keys[p], a.b.shape))
+                for p, a in adapters.items()}
+    return Setup(cfg, x, params, bf16, adapters, optax.adam(1e-3))
 
 
-def train_step(cfg, optimizer, naive: bool):
-    forward = (lambda p, a, x: apply(cfg, jlora.merge(p, a), x)) if naive else (
-        jlora.lora(lambda p, x: apply(cfg, p, x)))
+def array_bytes(tree) -> int:
+    """Bytes of the arrays in ``tree`` (4-bit integers as half a byte, as XLA stores them)."""
 
-    def step(params, adapters, opt_state, x):
-        loss, grads = jax.value_and_grad(
-            lambda a: common.loss_of(forward(params, a, x), x))(adapters)
-        updates, opt_state = optimizer.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
+    def bits(dtype) -> int:
+        return (jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer)
+                else 8 * jnp.dtype(dtype).itemsize)
+
+    return sum(x.size * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
+
+
+def kernel_bytes(params) -> int:
+    return array_bytes(list(jlora.select(params, KERNELS).values()))
+
+
+def adam_step(loss: Callable, optimizer):
+    """``step(trainable, frozen, opt_state, x)``: ``value_and_grad`` of ``loss(trainable,
+    frozen, x)`` w.r.t. ``trainable``, then an Adam update."""
+
+    def step(trainable, frozen, opt_state, x):
+        value, grads = jax.value_and_grad(loss)(trainable, frozen, x)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
 
     return step
 
 
-def kernel_error(base: dict, params: dict) -> float:
-    """RMS of (stored - float32 kernel) over RMS of the float32 kernels, all kernels."""
-    got = jlora.select(base, r".*/kernel")
-    want = jlora.select(params, r".*/kernel")
-    num = sum(float(jnp.sum(jnp.square(Q.dequantize(got[p]).astype(jnp.float32) - w)))
-              for p, w in want.items())
-    den = sum(float(jnp.sum(jnp.square(w))) for w in want.values())
-    return (num / den) ** 0.5
+@dataclasses.dataclass
+class Row:
+    name: str
+    reason: str | None = None
+    run: common.Compiled | None = None
+    args: tuple = ()
+    kernel_bytes: int = 0
+    output_error: float = float("nan")
+    times: list = dataclasses.field(default_factory=list)  # per repetition: step seconds
 
 
-def rel_error(y, ref) -> float:
-    y, ref = jnp.asarray(y, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+def jlora_row(s: Setup, name: str):
+    """``(step, args, kernel bytes, forward, its args)`` of a jlora row: the base as
+    ``name`` says."""
+    if name == "bf16":
+        base = s.bf16
+    else:
+        scheme, double_quant = SCHEMES[name]
+        base = Q.quantize_params(s.bf16, scheme, targets=KERNELS, layouts=common.LAYOUTS,
+                                 double_quant=double_quant)
+    if name == "nf4 dequant.":
+        def forward(p, a, x):
+            return s.apply(jlora.merge(Q.dequantize_params(p), a), x)
+    else:
+        forward = jlora.lora(s.apply)
+    step = adam_step(lambda a, p, x: common.loss_of(forward(p, a, x), x), s.optimizer)
+    args = (s.adapters, base, s.optimizer.init(s.adapters), s.x)
+    return step, args, kernel_bytes(base), forward, (base, s.adapters, s.x)
 
 
-def run(cfg: common.ModelConfig) -> None:
-    key = jax.random.key(0)
-    params = init_params(cfg, key)
-    x = common.inputs(cfg, jax.random.key(1))
-    adapters = adapters_for(params, cfg, jax.random.key(2))
-    optimizer = optax.adam(1e-3)
-    opt_state = optimizer.init(adapters)
-    forward = jax.jit(jlora.lora(lambda p, x: apply(cfg, p, x)))
-    reference = forward(params, adapters, x)
-    rows, figures = [], {}
-    for kind in ("float32", "bf16", "int8", "nf4", "nf4+dq", "nf4 naive"):
-        base = base_variant(params, kind)
-        step = common.compile_step(train_step(cfg, optimizer, kind == "nf4 naive"),
-                                   base, adapters, opt_state, x)
-        figures[kind] = step
-        err = rel_error(forward(base, adapters, x), reference)
-        rows.append([kind, kernel_bytes(base), step.argument_bytes, step.temp_bytes,
-                     kernel_error(base, params), err])
-    bf16_args = figures["bf16"].argument_bytes
-    mib = 2**20
-    table = [
-        [kind, f"{kb / mib:.1f}", f"{args / mib:.1f}", f"{args / bf16_args:.2f}",
-         f"{temp / mib:.1f}", f"{kerr:.2e}", f"{err:.2e}"]
-        for kind, kb, args, temp, kerr, err in rows
-    ]
-    print(f"# QLoRA train step: {cfg.describe().replace('nn.scan', 'lax.scan')}")
-    print(f"# {common.device_info()}")
-    print(common.markdown_table(
-        ["base", "kernels MiB", "step args MiB", "args / bf16", "step temp MiB",
-         "kernel rel. error", "output rel. error"], table))
+def qwix_row(s: Setup, name: str):
+    """qwix's QLoRA: its ``LoraProvider`` intercepts the model's dots, NF4 in tiles of 64
+    along the fan-in; the same base (from the bf16 kernels) and adapters."""
+    try:
+        import qwix
+    except Exception as e:  # noqa: BLE001 - any failure means "not installed"
+        raise Unavailable(f"qwix not importable ({e}); pip install jlora[bench]") from e
+    cfg = s.cfg
+    provider = qwix.LoraProvider(module_path=r".*(" + "|".join(common.ADAPTED) + r")",
+                                 rank=cfg.rank, alpha=cfg.alpha, weight_qtype="nf4",
+                                 tile_size=64)
+    model = qwix.apply_lora_to_model(common.Transformer(cfg), provider)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), s.x)["params"]["layers"]
+    # qwix.quantize_params reads its tiling for one layer, not for nn.scan's stacked
+    # params: quantize each layer, mapped over the layer axis.
+    one_layer = {n: {"kernel": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:],
+                                                                           a.dtype),
+                                            abstract[n]["kernel"])} for n in common.ADAPTED}
+    kernels = {n: {"kernel": s.bf16["layers"][n]["kernel"]} for n in common.ADAPTED}
+    quantized = jax.vmap(lambda p: qwix.quantize_params(p, one_layer))(kernels)
+    lora, frozen = {}, {"layers": {}, "ln_final": s.bf16["ln_final"]}
+    for n, sub in s.bf16["layers"].items():
+        frozen["layers"][n] = dict(sub)
+        if n in quantized:
+            ad = s.adapters[f"layers/{n}/kernel"]
+            frozen["layers"][n]["kernel"] = quantized[n]["kernel"]
+            lora[n] = {"kernel_lora_a": ad.a, "kernel_lora_b": ad.b}
+
+    def params_of(lora, frozen):
+        layers = {n: {**sub, **lora.get(n, {})} for n, sub in frozen["layers"].items()}
+        return {"layers": layers, "ln_final": frozen["ln_final"]}
+
+    def forward(lora, frozen, x):
+        return model.apply({"params": params_of(lora, frozen)}, x)
+
+    step = adam_step(lambda a, p, x: common.loss_of(forward(a, p, x), x), s.optimizer)
+    args = (lora, frozen, s.optimizer.init(lora), s.x)
+    return step, args, array_bytes(quantized), forward, (lora, frozen, s.x)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build(name: str, s: Setup, reference) -> Row:
+    row = Row(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jlora.FactoredFallbackWarning)  # must stay factored
+        try:
+            step, args, nbytes, forward, forward_args = (
+                qwix_row if name.startswith("qwix") else jlora_row)(s, name)
+            row.run, row.args, row.kernel_bytes = common.compile_step(step, *args), args, nbytes
+            jax.block_until_ready(row.run.fn(*args))  # the first (warm-up) call
+            y = jax.jit(forward)(*forward_args)
+            row.output_error = float(jnp.linalg.norm(y - reference) / jnp.linalg.norm(reference))
+        except Unavailable as e:
+            row.reason = str(e)
+        except Exception as e:  # noqa: BLE001 - the table says what went wrong
+            row.reason = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            row.run = None
+    return row
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return "—" if x != x else f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+
+
+def spread(xs: list[float]) -> str:
+    if len(xs) < 2:
+        return fmt(xs[0]) if xs else "—"
+    return f"{fmt(common.median(xs))} [{fmt(min(xs))}–{fmt(max(xs))}]"
+
+
+def table(rows: dict[str, Row]) -> str:
+    base = rows["bf16"]
+    mib = 2.0**20
+    header = ["base", "kernels MiB", "args MiB", "args / bf16", "temp MiB", "temp / bf16",
+              "wall ms", "wall / bf16", "output rel. error"]
+    out = []
+    for r in rows.values():
+        label = LABELS.get(r.name, r.name)
+        if r.run is None:
+            out.append([label, *["—"] * 7, r.reason or ""])
+            continue
+        wall = [1e3 * common.median(t) for t in r.times]
+        ratio = [common.median(t) / common.median(b) for t, b in
+                 zip(r.times, base.times, strict=True)]
+        out.append([
+            label, fmt(r.kernel_bytes / mib), fmt(r.run.argument_bytes / mib),
+            f"{r.run.argument_bytes / base.run.argument_bytes:.3f}",
+            fmt(r.run.temp_bytes / mib), f"{r.run.temp_bytes / base.run.temp_bytes:.2f}",
+            spread(wall), spread(ratio), f"{r.output_error:.2e}",
+        ])
+    return common.markdown_table(header, out)
+
+
+def criteria(rows: dict[str, Row]) -> list[str]:
+    """The bounds read off the table: NF4 arguments and temp against the bf16 step's."""
+    base, lines = rows["bf16"], []
+    for name in ("nf4", "nf4+dq"):
+        r = rows.get(name)
+        if r is None or r.run is None or base.run is None:
+            continue
+        args = r.run.argument_bytes / base.run.argument_bytes
+        temp = r.run.temp_bytes / base.run.temp_bytes
+        lines.append(
+            f"{name}: arguments {args:.3f} of bf16's (bound {ARGS_BOUND}: "
+            f"{'ok' if args <= ARGS_BOUND else 'EXCEEDED'}), temp {temp:.2f} of bf16's "
+            f"(bound {TEMP_BOUND}: {'ok' if temp <= TEMP_BOUND else 'EXCEEDED'})")
+    if base.run is not None:
+        rest = base.run.argument_bytes - base.kernel_bytes
+        lines.append(f"arguments besides the kernels (adapters, Adam moments, biases, norms, "
+                     f"batch): {rest / 2**20:.1f} MiB in every row")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes (seconds)")
+    parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per repetition")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of the timing")
+    parser.add_argument("--only", default=",".join(ROWS),
+                        help=f"comma list of rows (bf16 is always run), from {','.join(ROWS)}")
     args = parser.parse_args(argv)
-    cfg = common.SMALL if args.small else MEDIUM
+    cfg = common.SMALL if args.small else DEFAULT
+    if args.rank:
+        cfg = dataclasses.replace(cfg, rank=args.rank, alpha=2.0 * args.rank)
     if args.layers:
         cfg = dataclasses.replace(cfg, layers=args.layers)
-    run(cfg)
+    names = ["bf16", *(n for n in args.only.split(",") if n in ROWS and n != "bf16")]
+
+    print(common.device_info(), flush=True)
+    print(f"model: {cfg.describe()}", flush=True)
+    s = make_setup(cfg)
+    reference = jax.jit(jlora.lora(s.apply))(s.params, s.adapters, s.x)  # float32 kernels
+    rows = {}
+    for name in names:
+        start = time.perf_counter()
+        rows[name] = r = build(name, s, reference)
+        status = r.reason or f"compiled and run in {time.perf_counter() - start:.1f}s"
+        print(f"  {name}: {status}", file=sys.stderr, flush=True)
+    if rows["bf16"].run is None:
+        print(f"the bf16 row failed: {rows['bf16'].reason}")
+        return 1
+    ready = [r for r in rows.values() if r.run is not None]
+    for rep in range(args.repeats):
+        for r in ready:
+            r.times.append([])
+        for _ in range(args.steps):
+            for r in ready:
+                r.times[-1].extend(common.time_calls(r.run.fn, r.args, 1))
+        print(f"  repetition {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    print(f"\none step = value_and_grad w.r.t. the adapters + Adam; wall = median of "
+          f"{args.steps} steps per repetition, median [min–max] over {args.repeats}; memory "
+          f"from XLA's memory analysis of the compiled step\n")
+    print(table(rows))
+    print()
+    for line in criteria(rows):
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

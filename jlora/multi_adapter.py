@@ -1,5 +1,6 @@
 """Several adapters on one base: named sets, switching without recompiling, one adapter
-per example in a batch, and PEFT's ``add_weighted_adapter``.
+per example in a batch (padded, or grouped at each adapter's own rank), and PEFT's
+``add_weighted_adapter``.
 
 An :class:`AdapterBank` stacks named adapter sets along a new leading axis (ranks padded
 with zeros to the largest, scales folded into ``B`` where they differ, so every set has
@@ -12,6 +13,11 @@ function, not constants:
   factors gathered per example (``bank.gather(ids)``), as multi-tenant serving needs:
   the frozen base is shared, ``x·W`` is one matmul for the whole batch, and only the
   rank-``r`` products are batched per example.
+
+A :class:`GroupedBank` (:func:`grouped_bank`) keeps each set in a slot at its own rank;
+:func:`grouped` runs a batch sorted by slot with each adapter's products over its own
+examples only (ragged products; see ``docs/multi_adapter.md`` for when it beats
+:func:`per_example`), differentiable for every slot at once.
 
 :func:`add_weighted_adapter` combines adapters as PEFT's method of the same name does:
 ``"linear"`` (same ranks), ``"cat"`` (ranks add) and ``"svd"`` (back to a chosen rank).
@@ -37,9 +43,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._adapter import Adapter, Adapters
+from jlora._grouped_adapters import GroupedBank as GroupedBank
+from jlora._grouped_adapters import Grouping as Grouping
+from jlora._grouped_adapters import grouped as grouped
+from jlora._grouped_adapters import grouped_bank as grouped_bank
+from jlora._grouped_adapters import pad_rank
 from jlora._transform.api import lora
+from jlora._variant import get_variant
 
-__all__ = ["AdapterBank", "add_weighted_adapter", "per_example", "stack_adapters"]
+__all__ = ["AdapterBank", "GroupedBank", "Grouping", "add_weighted_adapter", "grouped",
+           "grouped_bank", "per_example", "stack_adapters"]
 
 COMBINATIONS = ("linear", "cat", "svd")
 
@@ -99,22 +112,6 @@ class AdapterBank:
 jax.tree_util.register_dataclass(AdapterBank, data_fields=["adapters"], meta_fields=["names"])
 
 
-def _pad_rank(adapter: Adapter, rank: int, fold_scale: bool) -> Adapter:
-    """The same update at ``rank`` (zero columns of A, zero rows of B), scale folded
-    into B when asked (then ``scale = 1``)."""
-    ns = adapter.layout.num_stacked  # factors lead with the stacked axes, whatever the kernel
-    extra = rank - adapter.rank
-    a = jnp.pad(adapter.a, [(0, 0)] * (adapter.a.ndim - 1) + [(0, extra)])
-    b = adapter.b
-    if fold_scale:
-        b = (b.astype(jnp.float32) * adapter.scale).astype(b.dtype)
-    b = jnp.pad(b, [(0, 0)] * ns + [(0, extra)] + [(0, 0)] * (b.ndim - ns - 1))
-    if not fold_scale:
-        return adapter.replace(a=a, b=b, rank=rank)
-    return adapter.replace(a=a, b=b, rank=rank, alpha=float(rank), scale=1.0,
-                           policy="standard")
-
-
 def stack_adapters(named: Mapping[str, Adapters]) -> AdapterBank:
     """Stack named adapter sets of one model into an :class:`AdapterBank`.
 
@@ -154,21 +151,25 @@ def stack_adapters(named: Mapping[str, Adapters]) -> AdapterBank:
                         f"kernel at path {path!r}: {getattr(ref, field)!r} vs "
                         f"{getattr(ad, field)!r}. Stacked sets must adapt it the same way."
                     )
-        if len(present) < len(named) and ref.variant == "dora":
+        extra = get_variant(ref.variant).extra_shapes(ref.layout, ref.kernel_shape)
+        if len(present) < len(named) and extra:
             missing = [n for n in names if n not in present]
             raise ValueError(
-                f"Adapter sets {missing} have no DoRA adapter for the kernel at path {path!r}: "
-                "a DoRA magnitude cannot be made up, so every set must adapt it."
+                f"Adapter sets {missing} have no {ref.variant} adapter for the kernel at path "
+                f"{path!r}: its {sorted(extra)} cannot be made up (zero factors are not a "
+                "no-op for it), so every set must adapt it."
             )
         rank = max(ad.rank for ad in present.values())
-        fold = len({ad.scale for ad in present.values()}) > 1
+        # One static (scale, alpha, policy) per stacked kernel: fold where the sets differ
+        # (equal scales from different alphas, rank 8 alpha 16 and rank 16 alpha 32, too).
+        fold = len({(ad.scale, ad.alpha, ad.policy) for ad in present.values()}) > 1
         dtype = jnp.result_type(*[ad.a.dtype for ad in present.values()])
         padded = []
         for n in names:
             ad = present.get(n)
             if ad is None:  # no update: zero factors
                 ad = ref.replace(a=jnp.zeros_like(ref.a), b=jnp.zeros_like(ref.b))
-            padded.append(_pad_rank(ad, rank, fold))
+            padded.append(pad_rank(ad, rank, fold))
         stacked[path] = jax.tree.map(
             lambda *xs, dtype=dtype: jnp.stack([x.astype(dtype) for x in xs]), *padded
         )

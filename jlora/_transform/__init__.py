@@ -8,6 +8,8 @@
 ``dot.py``          ``dot_general``: a plan, then an emitter (custom VJP or einsums)
 ``fusion.py``       shared-input fusion of dots (an emitter of ``dot.py``)
 ``consumers.py``    ``conv_general_dilated`` and embedding ``gather``
+``ragged.py``       ``ragged_dot`` with factored expert kernels (mixture of experts)
+``grouped.py``      grouped batches: a bank of adapters, one per example, in one pass
 ``control_flow.py`` jit, closed_call, checkpoint, scan, while, cond, custom derivatives
 ``quantized.py``    quantized kernels: ``dequantize`` and dequantization at the consumer
 ``dropout.py``      PEFT's lora_dropout on the adapter branch
@@ -25,5 +27,7 @@ from jlora._transform import consumers as consumers
 from jlora._transform import control_flow as control_flow
 from jlora._transform import dot as dot
 from jlora._transform import fusion as fusion
+from jlora._transform import grouped as grouped
 from jlora._transform import moves as moves
 from jlora._transform import quantized as quantized
+from jlora._transform import ragged as ragged

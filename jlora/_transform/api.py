@@ -27,11 +27,24 @@ from jlora.layouts import Layout
 
 
 class FactoredFallbackWarning(UserWarning):
-    """An adapted kernel reached an operation the factored transform cannot rewrite.
+    """An adapted kernel reached an operation the factored transform cannot rewrite, or a
+    quantized kernel one that needs it whole (not a dot, convolution or gather).
 
-    The result is still exact: ``W + s·A·B`` is formed at that point, as ``merge`` would.
-    Raised at most once per kernel path and transformed function.
+    The result is still exact: ``W + s·A·B`` is formed at that point, as ``merge`` would
+    (a quantized kernel is dequantized whole there). Raised at most once per kernel path
+    and transformed function.
     """
+
+
+def _fallback_message(path: str, status: str, adapted: bool) -> str:
+    if adapted:
+        return (f"jlora.lora: the adapted kernel at path {path!r} is {status}; W + s·A·B is "
+                "formed there (the result is still exact). jlora.lora_report(...) lists every "
+                "such path.")
+    return (f"jlora.lora: the quantized kernel at path {path!r} is {status}; it is dequantized "
+            "whole there (the result is still exact, but the float kernel is formed there and "
+            "may be kept for the backward pass, whereas dots, convolutions and gathers "
+            "dequantize it one use, or one layer, at a time).")
 
 
 def evaluate(traced: Traced, values, consts, adapters, run: Run, layouts=None):
@@ -46,6 +59,8 @@ def evaluate(traced: Traced, values, consts, adapters, run: Run, layouts=None):
     for x, path, part in zip(values, traced.param_paths, traced.param_parts, strict=True):
         if part is not None:
             x = quantized.Part.of(kernels[path], x, part)
+        elif path in kernels:  # a whole quantized kernel, where the jaxpr has its float kernel
+            x = kernels[path]
         elif path is not None and path in adapters:
             x = enter_kernel(path, x, adapters[path], adapters[path].layout, run)
         elif path is not None and layouts and path in layouts:
@@ -65,7 +80,8 @@ def check_guesses(traced: Traced, layouts: dict[str, Layout]) -> None:
     key = frozenset((path, lay.axes) for path, lay in guessed.items())
     if not guessed or key in traced.checked:
         return
-    # A quantized kernel's arrays carry its own layout (checked when it was quantized).
+    # A quantized kernel traced as its arrays is not the kernel the guess describes (a
+    # quantized kernel traced whole is: the jaxpr has its float kernel).
     paths = [None if part else path
              for path, part in zip(traced.param_paths, traced.param_parts, strict=True)]
     _layout_inference.check_guessed_layouts(traced.closed, paths, guessed)
@@ -90,6 +106,12 @@ def lora(fn: Callable, *, deterministic: bool | None = None, custom_vjp: bool = 
     ``g`` composes with ``jax.jit``, ``grad``, ``vmap`` and ``checkpoint``; ``fn`` is traced
     once per input signature (array leaves' shapes and dtypes plus non-array leaves' values;
     non-array leaves such as Python bools stay static, as in a plain call of ``fn``).
+
+    ``params`` may hold quantized kernels (:mod:`jlora.quantization`) where ``fn`` reads
+    float kernels: ``fn`` is traced on each one's float shape and dtype, and the kernel is
+    dequantized only where a dot, convolution or gather consumes it (under
+    ``jax.checkpoint``, one layer at a time under ``scan``), adapted or not; so
+    ``g(qparams, {}, x)`` runs the quantized model.
 
     Dropout (adapters with ``dropout > 0``, PEFT's ``lora_dropout``): ``g`` takes the key
     as ``lora_rng=key`` and drops the input of each ``A·B`` branch only. Without a key it
@@ -137,13 +159,8 @@ def lora(fn: Callable, *, deterministic: bool | None = None, custom_vjp: bool = 
         for path, status in run.report.items():
             if status != FACTORED and path not in warned:
                 warned.add(path)
-                warnings.warn(
-                    f"jlora.lora: the adapted kernel at path {path!r} is {status}; W + s·A·B "
-                    "is formed there (the result is still exact). jlora.lora_report(...) "
-                    "lists every such path.",
-                    FactoredFallbackWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(_fallback_message(path, status, path in adapters),
+                              FactoredFallbackWarning, stacklevel=2)
         return out
 
     @functools.wraps(fn)

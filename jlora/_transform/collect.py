@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import _paths as paths_lib
+from jlora import quantization as quant_lib
 from jlora._adapter import Adapter
 from jlora._initializers import KernelPlan
 from jlora._transform.factored import CATEGORY, Factored
@@ -98,7 +99,9 @@ def layouts_for(params, paths) -> dict[str, Layout]:
         shape = tuple(flat[path].shape)
         if isinstance(spec, (Adapter, KernelPlan)):
             spec = spec.layout
-        if spec is None:
+        if spec is None and quant_lib.is_quantized(flat[path]):
+            layout = flat[path].kernel_layout  # the layout it was quantized with
+        elif spec is None:
             try:
                 layout = resolve_layout(path, shape)
             except LayoutError as e:

@@ -27,7 +27,8 @@ def enter_kernel(path: str, w, adapter: Adapter | None, layout: Layout, run) -> 
     """The factored value a kernel ``w`` (an array or a quantized kernel) enters as.
 
     Without an adapter (:func:`jlora.collect_inputs`) it carries no factors, only
-    ``index``, where each fan-in entry went.
+    ``index``, where each fan-in entry went. An ``adapter`` with an
+    ``enter_factored(path, w, run)`` method makes its own value (``grouped.py``).
     """
     stacked = layout.split_shape(w.shape)[0]  # wherever the stacked axes are in W
     if adapter is None:
@@ -36,6 +37,9 @@ def enter_kernel(path: str, w, adapter: Adapter | None, layout: Layout, run) -> 
         index = jnp.broadcast_to(index, stacked + tuple(fan_in))
         meta = Meta(path, layout.axes, w.dtype, 1.0)
         return Factored(w, None, None, None, None, index, meta=meta)
+    enter = getattr(adapter, "enter_factored", None)
+    if enter is not None:  # an extension's adapter (a bank's factors for grouped batches)
+        return enter(path, w, run)
     variant = get_variant(adapter.variant)
     variant.check(adapter, path)  # e.g. a DoRA adapter without its magnitude
     # The per-output factor of a variant that rescales its output (DoRA's m / ||W'||),

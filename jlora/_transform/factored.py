@@ -85,7 +85,7 @@ class Factored:
     @property
     def lazy(self) -> bool:
         """W is still quantized: read it only through :func:`bind_with_kernel`."""
-        return quant_lib.is_quantized(self.w)
+        return is_lazy(self.w)
 
     def carried(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in FIELDS if getattr(self, f) is not None}
@@ -108,9 +108,15 @@ class Factored:
         return merged_view(self)
 
 
+def is_lazy(w) -> bool:
+    """W is not an array yet but has ``dequantized()``: a quantized kernel, or a move of
+    one still to be done (``quantized.View``)."""
+    return quant_lib.is_quantized(w) or callable(getattr(type(w), "dequantized", None))
+
+
 def dense(w):
     """W as a float array (a quantized W is dequantized here)."""
-    return w.dequantized() if quant_lib.is_quantized(w) else w
+    return w.dequantized() if is_lazy(w) else w
 
 
 def positions(roles: str, field: str) -> list[int | None]:

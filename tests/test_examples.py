@@ -8,6 +8,7 @@ sweep's step-0 gradients differ between scalings by exactly the ratio of their s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -45,9 +46,41 @@ def finish(proc: subprocess.Popen) -> str:
     return stdout
 
 
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """All script runs of this module; independent ones overlap (compiling is single-threaded)."""
+def other_runs(tmp_path_factory):
+    """The examples that need nothing from another run, all started at once: each is mostly
+    single-threaded compiling, so they overlap well. ``{name: (process, output dir)}``;
+    the real-model examples only where their codebase is installed."""
+    out = tmp_path_factory.mktemp("to_peft")
+    started = {"nnx": (start_script("nnx_quickstart.py", "--steps", "40"), None)}
+    if _installed("transformers"):
+        started["to_peft"] = (start_script(
+            "to_peft.py", "--steps", "3", "--batch", "2", "--seq-len", "16",
+            "--data-bytes", "20000", "--no-progress", "--out", str(out)), out)
+    if _installed("tunix"):
+        started["tunix"] = (start_script("tunix_llama3.py"), None)
+    yield started
+    for proc, _ in started.values():  # only if a test failed before waiting on it
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
+def other_run(other_runs, name: str, module: str) -> tuple[str, Path | None]:
+    if name not in other_runs:
+        pytest.skip(f"could not import {module!r}")
+    proc, out = other_runs[name]
+    return finish(proc), out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, other_runs):
+    """The fine-tuning and rank-sweep runs; independent ones overlap (compiling is
+    single-threaded), and the other examples are already running."""
     cache = tmp_path_factory.mktemp("cache")
     single, mesh, sweep = (tmp_path_factory.mktemp(n) for n in ("single", "mesh", "sweep"))
     sweep_proc = start_script(
@@ -131,9 +164,8 @@ def test_rank_sweep(runs):
 
 
 @pytest.mark.real_models
-def test_tunix_llama3_example():
-    pytest.importorskip("tunix.models.llama3.model")
-    out = finish(start_script("tunix_llama3.py"))
+def test_tunix_llama3_example(other_runs):
+    out, _ = other_run(other_runs, "tunix", "tunix")
     assert "layers/0/attn/q_proj/w" in out and "ioo" in out
     assert "14 kernels adapted, all factored" in out
     first, last = map(float, out.split("loss ")[1].split(" after")[0].split(" -> "))
@@ -143,12 +175,9 @@ def test_tunix_llama3_example():
 
 
 @pytest.mark.real_models
-def test_to_peft_example(tmp_path):
-    pytest.importorskip("transformers")
-    out = finish(start_script(
-        "to_peft.py", "--steps", "3", "--batch", "2", "--seq-len", "16", "--data-bytes", "20000",
-        "--no-progress", "--out", str(tmp_path),
-    ))
+def test_to_peft_example(other_runs):
+    out, tmp_path = other_run(other_runs, "to_peft", "transformers")
+    assert tmp_path is not None
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert len(config["target_modules"]) == 14 and config["use_rslora"]
     assert "model.layers.1.self_attn.q_proj" in config["target_modules"]  # torch's own names
@@ -158,8 +187,8 @@ def test_to_peft_example(tmp_path):
         assert gap < 1e-4
 
 
-def test_nnx_quickstart():
-    out = finish(start_script("nnx_quickstart.py", "--steps", "40"))
+def test_nnx_quickstart(other_runs):
+    out, _ = other_run(other_runs, "nnx", "flax.nnx")
     assert "hidden/kernel" in out and "rslora" in out
     before = float(out.split("frozen base: ")[1].split()[0])
     after = float(out.split("with LoRA (rank 4): ")[1].split()[0])

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,19 @@ def _hf_llama() -> Case:
     )
 
 
-CASES = {
+def _seeded(name: str, build: Callable[[], Case]) -> Callable[[], Case]:
+    """``build`` with the random data seeded by the case's name: a case gets the same
+    params and adapters whichever tests (here or in other modules) drew numbers first."""
+
+    def seeded() -> Case:
+        global _RNG
+        _RNG = np.random.default_rng(zlib.crc32(name.encode()))
+        return build()
+
+    return seeded
+
+
+CASES = {name: _seeded(name, build) for name, build in {
     # Two layers: every layer's kernels are read, not only the first one's. The other
     # Python-loop models get one layer, which keeps compile times short.
     "gemma": lambda: _gemma(num_kv_heads=2, num_layers=2, eager_gradients=True),
@@ -289,7 +302,7 @@ CASES = {
     "tunix_llama3": _tunix_llama3,
     "hf_gpt2": _hf_gpt2,
     "hf_llama": _hf_llama,
-}
+}.items()}
 
 
 def _next_token_loss(logits, tokens):

@@ -7,7 +7,7 @@
 
 Both read W through :func:`~jlora._transform.factored.bind_with_kernel` (so a quantized
 W is dequantized only there) and finish with :func:`~jlora._transform.factored.combine`
-(DoRA). A new consumer (``ragged_dot``, say) is one more rule of this shape.
+(DoRA). A new consumer is one more rule of this shape (``ragged.py`` is one).
 """
 
 from __future__ import annotations

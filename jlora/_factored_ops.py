@@ -141,7 +141,7 @@ class _Static:
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class _Needed:
+class Needed:
     """Which inputs want a cotangent (static: travels in the residuals' structure)."""
 
     x: bool
@@ -155,7 +155,7 @@ def _fwd(spec, x, x_in, w, g, h):
     # symbolic_zeros=True: each input arrives as CustomVJPPrimal(value, perturbed), so the
     # backward pass skips what nobody differentiates (in a LoRA step: W's gradient, which
     # would be kernel-sized, and the first layer's dx).
-    needed = _Needed(x.perturbed, x_in is not None and x_in.perturbed, w.perturbed,
+    needed = Needed(x.perturbed, x_in is not None and x_in.perturbed, w.perturbed,
                      g.perturbed, h.perturbed)
     x, w, g, h = x.value, w.value, g.value, h.value
     x_in = None if x_in is None else x_in.value

@@ -51,6 +51,7 @@ from jax.custom_batching import custom_vmap
 from jax.custom_derivatives import SymbolicZero
 
 from jlora import _jax_compat as jc
+from jlora._factored_ops import Needed
 
 __all__ = ["BankSpec", "RaggedSpec", "bank_branch", "factored_ragged_dot", "levels",
            "thin_ragged"]
@@ -186,21 +187,9 @@ def factored_ragged_dot(spec: RaggedSpec, x, x_in, w, g, h, group_sizes):
     return _forward(spec, x, x_in, w, g, h, group_sizes)[0]
 
 
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class _Needed:
-    """Which inputs want a cotangent (static: travels in the residuals' structure)."""
-
-    x: bool
-    x_in: bool
-    w: bool
-    g: bool
-    h: bool
-
-
 def _fwd(spec, x, x_in, w, g, h, group_sizes):
     # symbolic_zeros=True: skip what nobody differentiates (W's expert-sized gradient).
-    needed = _Needed(x.perturbed, x_in is not None and x_in.perturbed, w.perturbed,
+    needed = Needed(x.perturbed, x_in is not None and x_in.perturbed, w.perturbed,
                      g.perturbed, h.perturbed)
     x, w, g, h, group_sizes = x.value, w.value, g.value, h.value, group_sizes.value
     x_in = None if x_in is None else x_in.value

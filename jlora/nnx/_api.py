@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,6 +30,18 @@ from jlora.nnx._factors import (
     join_path,
 )
 from jlora.nnx._layouts import KERNELS, module_layouts
+
+# jlora.nnx is built on flax 0.12's NNX API (nnx.Dict, Variable.get_value / set_value /
+# get_metadata); the rest of jlora also runs on flax 0.11.
+_HAS_NNX_API = hasattr(nnx, "Dict") and hasattr(nnx.Variable, "get_value")
+
+
+def _require_nnx_api() -> None:
+    if not _HAS_NNX_API:
+        raise ImportError(
+            f"jlora.nnx needs flax 0.12 or newer (nnx.Dict, nnx.Variable.get_value); this is "
+            f"flax {flax.__version__}. Upgrade flax, or run jlora.lora on nnx.split's state."
+        )
 
 __all__ = [
     "STORE",
@@ -57,10 +70,14 @@ def _kernel_index(model) -> dict[str, tuple]:
     return {join_path(path): path for path, _ in nnx.to_flat_state(nnx.state(model, KERNELS))}
 
 
+# flax 0.12's module containers (older releases hold plain lists, indexed by int)
+_CONTAINERS = tuple(t for t in (getattr(nnx, "List", None), getattr(nnx, "Dict", None)) if t)
+
+
 def _owner(graph: dict, path: tuple):
     owner = graph.get(path[:-1])
     if not isinstance(path[-1], str) or not isinstance(owner, nnx.Module) or isinstance(
-            owner, nnx.List):
+            owner, _CONTAINERS):
         raise ValueError(
             f"The kernel at path {join_path(path)!r} is an element of a container, not an "
             "attribute of a module: jlora.nnx keeps each adapter beside its kernel, as "
@@ -102,6 +119,7 @@ def active_adapter(model) -> str | None:
       >>> jlora.nnx.active_adapter(model)
       'default'
     """
+    _require_nnx_api()
     names = sorted({v.get_metadata("lora_adapter") for _, v in _active_factors(model)})
     if len(names) > 1:
         raise ValueError(
@@ -128,6 +146,7 @@ def adapter_names(model) -> tuple[str, ...]:
       >>> jlora.nnx.adapter_names(model)
       ('fr', 'de')
     """
+    _require_nnx_api()
     active = active_adapter(model)
     stored = tuple(_stored(model) or ())
     return ((active,) if active else ()) + stored
@@ -241,6 +260,7 @@ def put_adapters(model, adapters: Adapters, *, name: str | None = None):
       >>> model.kernel_lora_a.shape, model.kernel_lora_b.shape
       ((8, 2), (2, 4))
     """
+    _require_nnx_api()
     active = active_adapter(model)
     name = name if name is not None else active or "default"
     _check_name(name)
@@ -272,6 +292,7 @@ def init_adapters(model, config: LoraConfig, *, rngs) -> Adapters:
       >>> ads["kernel"].layout, ads["kernel"].b.shape
       (Layout('ioo', guessed=True), (2, 2, 4))
     """
+    _require_nnx_api()
     if not isinstance(config, LoraConfig):
         raise TypeError(f"`config` must be a jlora.LoraConfig, got {type(config).__name__}.")
     params = nnx.state(model, KERNELS)
@@ -327,6 +348,7 @@ def apply_lora(model, config: LoraConfig, *, rngs, name: str = "default"):
       >>> sorted(jlora.nnx.get_adapters(model))
       ['layers/0/kernel', 'layers/2/kernel']
     """
+    _require_nnx_api()
     _check_name(name)
     if name in adapter_names(model):
         raise ValueError(
@@ -350,6 +372,7 @@ def get_adapters(model, name: str | None = None) -> Adapters:
       >>> ads["kernel"].a.shape, ads["kernel"].scale
       ((8, 2), 4.0)
     """
+    _require_nnx_api()
     active = active_adapter(model)
     if name is not None and name != active:
         return _stored_adapters(model, name)
@@ -370,6 +393,7 @@ def summary(model) -> str:
       >>> print(jlora.nnx.summary(model).splitlines()[-1])
       trainable params: 512 || all params: 4,672 || trainable%: 10.9589
     """
+    _require_nnx_api()
     return _summary(nnx.state(model, KERNELS), get_adapters(model))
 
 
@@ -391,6 +415,7 @@ def switch_adapter(model, name: str):
       >>> jlora.nnx.active_adapter(jlora.nnx.switch_adapter(model, "de"))
       'de'
     """
+    _require_nnx_api()
     active = active_adapter(model)
     if name == active:
         return model
@@ -425,6 +450,7 @@ def merge_lora(model):
       >>> type(merged).__name__, len(nnx.state(merged, nnx.LoRAParam))
       ('Linear', 0)
     """
+    _require_nnx_api()
     graph, index = _graph(model), _kernel_index(model)
     if active_adapter(model) is not None:
         adapters = get_adapters(model)

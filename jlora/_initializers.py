@@ -89,6 +89,12 @@ class KernelPlan:
 
     Indexing it like the dict that ``plan`` used to return (``entry["rank"]``) still works
     for one release, with a ``DeprecationWarning``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> entry = plan({"d": {"kernel": jnp.ones((4, 8))}}, LoraConfig(rank=2))["d/kernel"]
+      >>> entry.layout.axes, entry.rank, entry.shape
+      ('io', 2, (4, 8))
     """
 
     layout: Layout

@@ -58,9 +58,14 @@ def rule_remat(interp, eqn, invals):
         body, prevent_cse=p.get("prevent_cse", True), policy=p.get("policy")
     )(*invals)
     interp.absorb(flushed)
-    outs = dict(zip(kept, computed, strict=True))
-    outs.update({i: invals[j] for i, j in forwarded.items()})
-    return [outs[i] for i in range(len(jaxpr.outvars))]
+    return _with_forwarded(len(jaxpr.outvars), forwarded, computed, invals)
+
+
+def _with_forwarded(n: int, forwarded: dict[int, int], computed, sources) -> list:
+    """The ``n`` outputs: ``sources[forwarded[k]]`` for an output that only forwards an
+    input (kept factored), the next of ``computed`` for the others."""
+    rest = iter(computed)
+    return [sources[forwarded[k]] if k in forwarded else next(rest) for k in range(n)]
 
 
 @register(jc.scan_p, kind="carry")
@@ -111,10 +116,7 @@ def rule_scan(interp, eqn, invals):
         unroll=p.get("unroll", 1),
     )
     interp.absorb(flushed)
-    computed = iter(ys)
-    n_ys = len(eqn.outvars) - ncarry
-    return [*carry, *(xs[forwarded[k]] if k in forwarded else next(computed)
-                      for k in range(n_ys))]
+    return [*carry, *_with_forwarded(len(eqn.outvars) - ncarry, forwarded, ys, xs)]
 
 
 @register(jc.while_p, kind="carry")

@@ -17,6 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import optax
 import pytest
 from flax import nnx
@@ -43,12 +44,20 @@ def hf_name(path: str) -> str:
     return "model." + module.replace("/", ".")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def variables_without_a_mesh():
+    """Tunix's models carry mesh axis names and are built here without a mesh, which
+    needs flax's `always_shard_variable` off. Importing tunix turns it off, but only on
+    the first import in a process (another test module may have imported it and turned
+    the flag back on), so this module sets it itself and restores it afterwards."""
+    with flax.config.temp_flip_flag("always_shard_variable", False):
+        yield
+
+
 @pytest.fixture(scope="module")
 def llama():
     """``(base model, inputs)``: a tiny Tunix Llama 3 with random weights (Tunix
     initialises its MLP kernels to zero, which would hide an adapter's effect there)."""
-    # Importing tunix turns flax's `always_shard_variable` off for the whole process:
-    # only here, when the real-model tests run.
     llama3 = pytest.importorskip("tunix.models.llama3.model")
     sft_utils = pytest.importorskip("tunix.sft.utils")
     config = llama3.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=16, hidden_dim=32,

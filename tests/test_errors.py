@@ -225,8 +225,8 @@ CASES = [
     ("lora-guessed-layout-contradicted-by-the-model",
      lambda t: jlora.lora(lambda p, x: x @ p["enc"]["dense"]["kernel"].T)(
          params(), adapters(), jnp.ones((2, 4))), jlora.LayoutError,
-     r"'enc/dense/kernel' \(shape \(8, 4\)\) has the layout 'io' \(guessed from its shape "
-     r"and name\), but dot_general at .*test_errors.py.* uses it as 'oi'.*"
+     r"'enc/dense/kernel' \(shape \(8, 4\)\) has the layout 'io' \(guessed: from its shape "
+     r"and name, or a template\), but dot_general at .*test_errors.py.* uses it as 'oi'.*"
      r"layouts=jlora.infer_layouts\(fn, params, \*args\).*\{'enc/dense/kernel': 'oi'\}"),
     ("infer-layouts-two-incompatible-uses",
      lambda t: jlora.infer_layouts(

@@ -106,6 +106,35 @@ def test_gemma_template_saves_peft_tensors_bit_for_bit(gemma_kv, tmp_path):
         np.testing.assert_allclose(mine[name], delta, rtol=1e-12, err_msg=name)
 
 
+def _gemma1_mlp(params, x):
+    """Gemma 1's MLP: ``gating_einsum`` stored ``(2, D, F)``, read as such."""
+    gate, up = jnp.einsum("td,cdf->ctf", x, params["params/layer_0/mlp/gating_einsum"])
+    return jnp.einsum("tf,fd->td", jax.nn.gelu(gate) * up, params["params/layer_0/mlp/linear"])
+
+
+@pytest.mark.parametrize("transpose", [True, False])
+def test_template_layouts_are_checked_against_the_model(transpose):
+    # A square gating_einsum (D == F) fits both of the template's orientations, so no
+    # shape check can tell them apart: the model's own einsum must.
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    params = {"params/layer_0/mlp/gating_einsum": jax.random.normal(k1, (2, 6, 6)),
+              "params/layer_0/mlp/linear": jax.random.normal(k2, (6, 6))}
+    x = jax.random.normal(k3, (5, 6))
+    t = peft.templates.gemma(transpose_gating_einsum=transpose)
+    layouts = t.layouts(params)
+    assert all(layout.guessed for layout in layouts.values())
+    config = jlora.LoraConfig(rank=2, alpha=2.0, targets=".*", layouts=layouts)
+    adapters = {p: ad.replace(b=jax.random.normal(jax.random.key(2), ad.b.shape))
+                for p, ad in jlora.init(jax.random.key(1), params, config).items()}
+    if transpose:  # Gemma 3's order, (2, F, D): the wrong one for this model
+        with pytest.raises(jlora.LayoutError,
+                           match=r"(?s)layer_0/mlp/gating_einsum.*'soi'.*'sio'"):
+            jlora.lora(_gemma1_mlp)(params, adapters, x)
+    else:
+        np.testing.assert_allclose(jlora.lora(_gemma1_mlp)(params, adapters, x),
+                                   _gemma1_mlp(jlora.merge(params, adapters), x), **TOL)
+
+
 def test_stacked_parts_of_different_ranks_are_refused_with_the_fix():
     base, _ = _tree("gemma_qkv")
     t = peft.templates.gemma()

@@ -114,7 +114,9 @@ def check_layout(found: KernelUses, layout: Layout) -> None:
         how = "; ".join(
             f"axis {k} is {_ROLE[letter]}, not {_ROLE[have]}" for k, have, letter in bad
         )
-        origin = " (guessed from its shape and name)" if layout.guessed else ""
+        # Guesses come from a kernel's shape and name, or from a codebase's usual axis
+        # order (jlora.peft.templates).
+        origin = " (guessed: from its shape and name, or a template)" if layout.guessed else ""
         raise LayoutError(
             f"The kernel at path {found.path!r} (shape {found.shape}) has the layout "
             f"{layout.axes!r}{origin}, but {use} uses it as {read!r}: {how}. Read the "

@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from jlora import _paths as paths_lib
+from jlora.layouts import Layout
 from jlora.peft._adjusted import Adjusted
 from jlora.peft._fused import Split
 
@@ -58,19 +59,26 @@ class Template:
                 return entry(match)
         return None
 
-    def layouts(self, params) -> dict[str, str]:
+    def layouts(self, params) -> dict[str, Layout]:
         """``{pattern: layout}`` for the kernels of ``params`` (for ``layouts=`` and
         :class:`jlora.LoraConfig`): the template's patterns that match a leaf of
         ``params`` (jlora refuses a pattern that matches nothing).
+
+        The layouts are *guessed* (``Layout.guessed``): a template knows its codebase's
+        usual axis order, not the model in hand (Gemma 1 and 3 store ``gating_einsum``
+        transposed to each other; a fork may too), and a square kernel in the wrong
+        orientation fits every shape check. So :func:`jlora.lora` checks each one
+        against the model's own use of the kernel, as it does layouts guessed from
+        shapes, and a contradiction is a :class:`jlora.LayoutError` naming the kernel.
 
         Example:
           >>> import jax.numpy as jnp
           >>> tree = {"params": {"layer_0": {"mlp": {"linear": jnp.ones((4, 2))}}}}
           >>> list(gemma().layouts(tree).values())
-          ['io']
+          [Layout('io', guessed=True)]
         """
         paths = paths_lib.leaf_paths(params)
-        return {k: v for k, v in self.layout_patterns.items()
+        return {k: Layout(v, guessed=True) for k, v in self.layout_patterns.items()
                 if any(re.fullmatch(k, p) for p in paths)}
 
 

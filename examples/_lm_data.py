@@ -97,8 +97,10 @@ def fixed_windows(data: np.ndarray, length: int, count: int) -> np.ndarray:
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, so an interrupted run never
-    leaves a half-written plot, result or cache behind."""
+    leaves a half-written plot, result or cache behind. Missing folders are made
+    (``--out`` and ``--cache-dir`` may name new ones)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -40,9 +40,9 @@ import numpy as np
 from jlora import _jax_compat as jc
 from jlora._adapter import Adapter, Adapters
 from jlora._merging import check_adapters_fit
+from jlora._tracing import CACHE_SIZE, trace
 from jlora._transform.api import check_guesses, evaluate
 from jlora._transform.grouped import GroupedEntry, GroupedRun
-from jlora._transform.tracing import CACHE_SIZE, trace
 
 __all__ = ["GroupedBank", "Grouping", "grouped", "grouped_bank", "pad_rank"]
 

@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import jlora
 from jlora import _layout_inference as li
+from jlora import _tracing as tracing
 from jlora.layouts import Layout, LayoutError
 
 S = jax.ShapeDtypeStruct
@@ -59,6 +60,22 @@ def test_kernel_stored_out_in_and_used_transposed_is_oi():
         return x @ p["c_proj"]["kernel"].T + p["c_proj"]["bias"][None, :]
 
     assert _infer_quietly(apply, params, S((2, 8), F32)) == {"c_proj/kernel": "oi"}
+
+
+def test_quantized_kernels_are_read_through_unchanged_model_code():
+    # A quantized kernel stands in for its float kernel, as in jlora.lora: the model's
+    # own use gives its layout, whatever the scheme stores.
+    weights = {"params": {"head": {"kernel": jax.random.normal(jax.random.key(0), (6, 6))},
+                          "up": {"kernel": jnp.ones((4, 2, 6))}}}
+    qparams = jlora.quantization.quantize_params(weights, "int8", layouts={
+        "params/head/kernel": "oi", "params/up/kernel": "ioo"})
+
+    def apply(p, x):  # the square head used transposed: only the model can tell
+        h = jnp.einsum("bd,dnh->bnh", x, p["params"]["up"]["kernel"]).reshape(2, 12)
+        return h[:, :6] @ p["params"]["head"]["kernel"].T
+
+    got = _infer_quietly(apply, qparams, S((2, 4), F32))
+    assert dict(got) == {"params/head/kernel": "oi", "params/up/kernel": "ioo"}
 
 
 def test_einsum_query_stored_heads_first_is_oio_and_attention_out_iio():
@@ -436,8 +453,14 @@ def test_result_goes_into_lora_config_and_adapts_the_right_axes():
 # ---------------------------------------------------------------------------------------
 
 
+def _traced(fn, params, *args):
+    """``(closed jaxpr, param path or None per input)``, as the factored transform traces."""
+    traced, _ = tracing.trace(fn, None, params, args, {})
+    return traced.closed, traced.param_paths
+
+
 def _guess_check(fn, params, *args):
-    closed, input_paths = li._infer._trace(fn, params, args, {})
+    closed, input_paths = _traced(fn, params, *args)
     guessed = {path: jlora.layouts.infer_layout(path, params[path].shape) for path in params}
     return li.check_guessed_layouts(closed, input_paths, guessed)
 
@@ -447,7 +470,8 @@ def test_guess_contradicted_by_a_transposed_use_names_path_guess_use_and_fix():
         _guess_check(lambda p, x: x @ p["c_proj"].T, {"c_proj": S((16, 8), F32)},  # transposed
                      S((2, 8), F32))
     msg = str(err.value)
-    assert "path 'c_proj'" in msg and "'io' (guessed: from its shape and name, or a template)" in msg
+    assert "path 'c_proj'" in msg
+    assert "'io' (guessed: from its shape and name, or a template)" in msg
     assert re.search(rf"dot_general at \S*{_line_of('# transposed')}:\d+ ", msg)
     assert "jlora.infer_layouts(fn, params, *args)" in msg and "{'c_proj': 'oi'}" in msg
 
@@ -482,8 +506,8 @@ def test_guesses_that_agree_with_the_model_pass():
 
 
 def test_only_guessed_layouts_are_checked():
-    closed, input_paths = li._infer._trace(lambda p, x: x @ p["w"].T, {"w": S((6, 4), F32)},
-                                    (S((2, 4), F32),), {})
+    closed, input_paths = _traced(lambda p, x: x @ p["w"].T, {"w": S((6, 4), F32)},
+                                  S((2, 4), F32))
     assert li.check_guessed_layouts(closed, input_paths, {"w": Layout("io")}) == {}
     found = li.read_kernel_uses(closed, input_paths, ["w"])
     with pytest.raises(LayoutError, match=r"path 'w' \(shape \(6, 4\)\) has the layout 'io', but"):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jlora import _jax_compat as jc
-from jlora import _paths as paths_lib
+from jlora import _tracing as tracing
 from jlora._layout_inference._check import _read
 from jlora._layout_inference._uses import LayoutInferenceWarning
 
@@ -31,46 +28,6 @@ class InferredLayouts(dict):
         self.uses = dict(uses or {})
 
 
-def _is_array(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct) or (
-        jc.is_tracer(x)
-    )
-
-
-def _param_paths(params) -> list[str | None]:
-    """The path of each array leaf of ``params``; ``None`` inside a quantized kernel (it
-    carries its own layout)."""
-    out: list[str | None] = []
-    is_kernel = paths_lib._is_kernel_leaf
-    for kp, node in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_kernel)[0]:
-        if is_kernel(node):
-            out += [None] * len(jax.tree_util.tree_leaves(node))
-        else:
-            out.append(paths_lib.keypath_to_str(kp))
-    return out
-
-
-def _trace(fn, params, args, kwargs):
-    """``(closed jaxpr, path or None per jaxpr input)`` of ``fn(params, *args, **kwargs)``;
-    arrays (and ShapeDtypeStructs, tracers) become inputs, other leaves stay static."""
-    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
-    dynamic = [_is_array(x) for x in leaves]
-
-    def flat_fn(*arrays):
-        it = iter(arrays)
-        full = [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
-        p, a, kw = jax.tree_util.tree_unflatten(treedef, full)
-        return [x for x in jax.tree_util.tree_leaves(fn(p, *a, **kw)) if _is_array(x)]
-
-    specs = [x if isinstance(x, jax.ShapeDtypeStruct) else jc.aval_of(x)
-             for x, d in zip(leaves, dynamic, strict=True) if d]
-    closed = jc.make_closed_jaxpr(flat_fn, specs)
-    param_paths = _param_paths(params)
-    param_paths += [None] * (len(leaves) - len(param_paths))
-    input_paths = [path for path, d in zip(param_paths, dynamic, strict=True) if d]
-    return closed, input_paths
-
-
 def _is_candidate(path: str, aval) -> bool:
     return len(aval.shape) >= 2 and jnp.issubdtype(aval.dtype, jnp.floating)
 
@@ -81,8 +38,10 @@ def infer_layouts(fn: Callable, params, *args, **kwargs) -> InferredLayouts:
     Traces ``fn(params, *args, **kwargs)`` once to a jaxpr, without computing anything:
     ``params`` and the arguments may be ``jax.ShapeDtypeStruct`` trees (a 7B model's
     shapes are read in about a second), arrays or tracers (it works under ``jax.jit`` and
-    ``jax.eval_shape``). Leaves that are not arrays stay static, as in a plain call. See
-    the module docstring for what gives each role and when a call is needed.
+    ``jax.eval_shape``). Leaves that are not arrays stay static, as in a plain call. A
+    quantized kernel (:mod:`jlora.quantization`) stands for its float kernel, as in
+    :func:`jlora.lora`, so unchanged model code reads it. See the module docstring for
+    what gives each role and when a call is needed.
 
     Args:
       fn: the model, called as ``fn(params, *args, **kwargs)``.
@@ -107,8 +66,11 @@ def infer_layouts(fn: Callable, params, *args, **kwargs) -> InferredLayouts:
       >>> infer_layouts(fn, params, jax.ShapeDtypeStruct((2, 5, 16), jnp.bfloat16))
       {'q_einsum/w': 'oio'}
     """
-    closed, input_paths = _trace(fn, params, args, kwargs)
-    kernels = _read(closed.jaxpr, input_paths, _is_candidate)
+    traced, _ = tracing.trace(fn, None, params, args, kwargs)
+    # A quantized kernel traced as its arrays carries its own layout: nothing to read.
+    input_paths = [None if part else path
+                   for path, part in zip(traced.param_paths, traced.param_parts, strict=True)]
+    kernels = _read(traced.closed.jaxpr, input_paths, _is_candidate)
     layouts, uses, unread = {}, {}, {}
     for kernel in kernels:
         if kernel.uses:

@@ -15,11 +15,12 @@
 ``dropout.py``      PEFT's lora_dropout on the adapter branch
 ``collect.py``      input collection for ``jlora.collect_inputs``
 ``entry.py``        the factored value each kernel enters as
-``tracing.py``      tracing ``fn`` once per input signature
 ``api.py``          ``lora``, ``lora_report``, ``collect_inputs``
 ==================  ====================================================================
 
-See ``docs/architecture.md`` ("The factored transform") for how a call flows.
+``fn`` is traced once per input signature by ``jlora/_tracing.py``, which
+``jlora.infer_layouts`` shares. See ``docs/architecture.md`` ("The factored transform")
+for how a call flows.
 """
 
 # Rules register themselves on import; the loop finds them in interpreter.RULES.

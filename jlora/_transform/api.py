@@ -1,6 +1,6 @@
 """The public entry points: :func:`lora`, :func:`lora_report`, :func:`collect_inputs`.
 
-Each traces ``fn`` (``tracing.py``), enters the adapted kernels as factored values
+Each traces ``fn`` (``jlora/_tracing.py``), enters the adapted kernels as factored values
 (``entry.py``, ``quantized.py``) and evaluates the jaxpr with the interpreter
 (``interpreter.py`` and the rules it has registered).
 """
@@ -17,12 +17,12 @@ import jax
 from jlora import _layout_inference
 from jlora._adapter import Adapters
 from jlora._merging import check_adapters_fit
+from jlora._tracing import Traced, abstract_call, trace
 from jlora._transform import quantized
 from jlora._transform.collect import Collector, layouts_for
 from jlora._transform.dropout import Dropout, dropout_rng
 from jlora._transform.entry import enter_kernel
 from jlora._transform.interpreter import FACTORED, UNUSED, Interpreter, Run
-from jlora._transform.tracing import Traced, abstract_call, trace
 from jlora.layouts import Layout
 
 

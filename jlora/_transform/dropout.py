@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._initializers import kernel_key
-from jlora._transform.tracing import is_array
+from jlora._tracing import is_array
 
 
 @dataclasses.dataclass

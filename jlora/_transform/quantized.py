@@ -2,7 +2,7 @@
 
 A quantized kernel in ``params`` enters the interpreter as a :class:`Lazy` factored
 value whose W is the :class:`~jlora.quantization.QuantizedKernel` itself (a *lazy* W).
-``fn`` was traced on the float kernel's shape and dtype (``tracing.py``), so the model's
+``fn`` was traced on the float kernel's shape and dtype (``jlora/_tracing.py``), so the model's
 own code reads the kernel as the array it expects. A model that needs the
 ``QuantizedKernel`` object itself (a linen module declaring a quantized param) is traced
 on the kernel's arrays instead: they enter as :class:`Part` s, which ``carry`` rules

@@ -36,8 +36,10 @@ CACHE_SIZE = 32  # traced jaxprs kept per transformed function (one per input si
 
 
 def is_array(x) -> bool:
-    """An array argument (a JAX or NumPy array, or a tracer) rather than a static value."""
-    return isinstance(x, jax.Array | np.ndarray | np.generic) or jc.is_tracer(x)
+    """An array argument (a JAX or NumPy array, a tracer, or a ``jax.ShapeDtypeStruct``
+    standing for one) rather than a static value."""
+    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct) or (
+        jc.is_tracer(x))
 
 
 @dataclasses.dataclass

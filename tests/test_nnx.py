@@ -11,6 +11,8 @@ out and putting them back, named sets, and the errors.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,19 +56,44 @@ class Net(nnx.Module):
         return self.drop(self.norm(h.reshape(-1, 2 * D)))
 
 
+# Tiny models: compiling dominates and running costs nothing, so XLA's backend
+# optimisations are off for the references (about half the compile time; the same values).
+jit_tiny = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def normal(shape, seed: int = 0, scale: float = 1.0):
+    """Random test data from numpy: ``jax.random`` would compile once per shape."""
+    return jax.device_put(np.asarray(scale * np.random.default_rng(seed).standard_normal(shape),
+                                      np.float32))
+
+
+def random_like(tree, seed: int = 0, scale: float = 0.5):
+    """Random values of the shapes and dtypes of ``tree``'s leaves, from numpy."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: jax.device_put(np.asarray(scale * rng.standard_normal(x.shape), x.dtype)), tree)
+
+
 def randomise_b(model, seed: int = 0):
     """B is zero at init; give every adapter a real update, so the tests compare
-    something (numpy's generator: no compile per shape)."""
-    rng = np.random.default_rng(seed)
+    something."""
     ads = jlora.nnx.get_adapters(model)
-    return jlora.nnx.put_adapters(model, {
-        p: ad.replace(b=jnp.asarray(0.5 * rng.standard_normal(ad.b.shape), jnp.float32))
-        for p, ad in ads.items()
-    })
+    b = random_like({p: ad.b for p, ad in ads.items()}, seed)
+    return jlora.nnx.put_adapters(model, {p: ad.replace(b=b[p]) for p, ad in ads.items()})
 
 
-def loss_of(model, *args):
-    return jnp.mean(model(*args) ** 2)
+def adapt(model, config, seed: int = 0, scale: float = 0.5, zero_b: bool = False):
+    """``jlora.nnx.apply_lora`` with random A and B (B zero, as at init, if ``zero_b``):
+    ``put_adapters`` of the adapters ``init_adapters`` makes, their shapes and metadata
+    taken on shapes only (its initialisers would compile once per factor shape) and their
+    values from numpy."""
+    like = jax.eval_shape(lambda key: jlora.nnx.init_adapters(model, config, rngs=key),
+                          jax.random.key(1))
+    ads = random_like(like, seed, scale)
+    if zero_b:
+        ads = {p: ad.replace(b=jax.device_put(np.zeros(ad.b.shape, ad.b.dtype)))
+               for p, ad in ads.items()}
+    return jlora.nnx.put_adapters(model, ads)
 
 
 def loss_and_output(model, *args):
@@ -79,7 +106,8 @@ def grads_by_kernel(grads: nnx.State) -> dict:
     out = {}
     for path, var in nnx.to_flat_state(grads):
         kernel = "/".join(map(str, (*path[:-1], var.get_metadata("lora_kernel"))))
-        out.setdefault(kernel, {})[var.get_metadata("lora_factor")] = var.get_value()
+        out.setdefault(kernel, {})[var.get_metadata("lora_factor")] = np.asarray(
+            var.get_value())
     return out
 
 
@@ -95,8 +123,9 @@ def merged_reference(base, adapters, *args):
         loss, out = loss_and_output(model, *args)
         return loss, (out, nnx.state(model, nnx.Not(nnx.Param)))
 
-    (loss, (out, state)), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(adapters, rest)
-    return (loss, out), state, {p: {"a": g.a, "b": g.b} for p, g in grads.items()}
+    (loss, (out, state)), grads = jit_tiny(jax.value_and_grad(f, has_aux=True))(adapters, rest)
+    return (loss, out), state, {p: {"a": np.asarray(g.a), "b": np.asarray(g.b)}
+                                for p, g in grads.items()}
 
 
 def assert_same_grads(got: dict, want: dict):
@@ -104,24 +133,33 @@ def assert_same_grads(got: dict, want: dict):
     for path in want:
         for factor in ("a", "b"):
             # float32 rounding relative to the largest entry (the stacked model's grow large)
-            scale = max(1.0, float(jnp.abs(want[path][factor]).max()))
+            scale = max(1.0, float(np.abs(want[path][factor]).max()))
             np.testing.assert_allclose(got[path][factor], want[path][factor], rtol=2e-5,
                                        atol=2e-5 * scale, err_msg=f"{path} {factor}")
 
 
-def build(cls, rngs: nnx.Rngs):
-    # One compile for all the initialisers, not one per op.
-    return nnx.jit(cls)(rngs)
+def build(cls, rngs: nnx.Rngs, seed: int = 0):
+    """``cls(rngs)`` with random parameters from numpy (scaled like LeCun's): NNX's
+    initialisers would compile once per shape. The other variables (batch statistics,
+    RNG streams) are NNX's own, from one small compile that keeps only them."""
+    graphdef, params, _ = nnx.split(nnx.eval_shape(cls, rngs), nnx.Param, ...)
+    rest = nnx.jit(lambda rngs: nnx.state(cls(rngs), nnx.Not(nnx.Param)))(rngs)
+    rng = np.random.default_rng(seed)
+
+    def draw(x):
+        scale = 1 / np.sqrt(np.prod(x.shape[:-1])) if x.ndim >= 2 else 0.1
+        return jax.device_put(np.asarray(scale * rng.standard_normal(x.shape), x.dtype))
+
+    return nnx.merge(graphdef, jax.tree.map(draw, params), rest)
 
 
 @pytest.fixture(scope="module")
 def net():
-    """``(base, adapted)``: the adapted model is a copy of the base with random B."""
+    """``(base, adapted)``: the adapted model is a copy of the base with random factors."""
     base = build(Net, nnx.Rngs(0, dropout=1))
     config = jlora.LoraConfig(rank=2, alpha=4.0, scaling="rslora",
                               targets=r".*/(kernel|embedding)")
-    adapted = jlora.nnx.apply_lora(nnx.clone(base), config, rngs=nnx.Rngs(2))
-    return base, randomise_b(adapted)
+    return base, adapt(nnx.clone(base), config)
 
 
 def test_adapters_are_lora_params_beside_their_kernels(net):
@@ -156,20 +194,18 @@ def net_reference(net):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_call_and_gradients_equal_the_merged_model(net, net_reference, jit):
     _, adapted = net
-    (loss, _), state, want = net_reference
+    (loss, out), state, want = net_reference
     model = nnx.clone(adapted)
     model.train()
-    np.testing.assert_allclose((nnx.jit(loss_of) if jit else loss_of)(model, IDS), loss,
-                               **F32_TOL)
+    step = nnx.value_and_grad(loss_and_output, argnums=LORA, has_aux=True)
+    (got_loss, got_out), grads = (nnx.jit(step) if jit else step)(model, IDS)
+    np.testing.assert_allclose(got_out, out, **F32_TOL)
+    np.testing.assert_allclose(got_loss, loss, **F32_TOL)
     # The call's state updates reach the model as without adapters.
     np.testing.assert_allclose(model.norm.mean[...], state["norm"]["mean"][...], **F32_TOL)
     assert int(model.drop.rngs.count[...]) == int(state["drop"]["rngs"]["count"][...]) == 1
-    # Gradients w.r.t. the LoRAParams, against the merged model's w.r.t. the adapters
-    # (from a fresh model: the same dropout mask).
-    grad = nnx.grad(loss_of, argnums=LORA)
-    model = nnx.clone(adapted)
-    model.train()
-    assert_same_grads(grads_by_kernel((nnx.jit(grad) if jit else grad)(model, IDS)), want)
+    # Gradients w.r.t. the LoRAParams, against the merged model's w.r.t. the adapters.
+    assert_same_grads(grads_by_kernel(grads), want)
 
 
 def test_merged_model_and_a_layer_called_alone(net):
@@ -183,7 +219,7 @@ def test_merged_model_and_a_layer_called_alone(net):
                               jlora.select(want, ".*").values(), strict=True):
         np.testing.assert_array_equal(got, w, err_msg=path)
     # A layer called on its own applies its own adapters.
-    x = jax.random.normal(jax.random.key(0), (2, 5, D))
+    x = normal((2, 5, D))
     np.testing.assert_allclose(adapted.up(x), merged.up(x), **F32_TOL)
     assert not np.allclose(adapted.up(x), base.up(x))
 
@@ -222,9 +258,7 @@ class Stack(nnx.Module):
 @pytest.fixture(scope="module")
 def stack():
     base = build(Stack, nnx.Rngs(0))
-    adapted = jlora.nnx.apply_lora(nnx.clone(base), jlora.LoraConfig(rank=2),
-                                   rngs=nnx.Rngs(1))
-    return base, randomise_b(adapted)
+    return base, adapt(nnx.clone(base), jlora.LoraConfig(rank=2))
 
 
 def test_scan_remat_and_vmap_over_stacked_layers(stack):
@@ -232,7 +266,7 @@ def test_scan_remat_and_vmap_over_stacked_layers(stack):
     ads = jlora.nnx.get_adapters(adapted)
     assert {p: (ad.layout.axes, ad.a.shape) for p, ad in ads.items()} == {
         "layers/up/kernel": ("sio", (2, D, 2)), "layers/down/kernel": ("sio", (2, 2 * D, 2))}
-    x = jax.random.normal(jax.random.key(0), (4, D))
+    x = normal((4, D))
     (loss, y), _, want = merged_reference(nnx.clone(base), ads, x)
     model = nnx.clone(adapted)
     step = nnx.jit(nnx.value_and_grad(loss_and_output, argnums=LORA, has_aux=True))
@@ -269,11 +303,11 @@ def test_kv_cache_decoding_with_rngs_passed_in():
     base = build(Decoder, nnx.Rngs(0))
     base.attn.init_cache((2, 3, D))
     config = jlora.LoraConfig(rank=2, targets=r"attn/(query|value|out)/kernel")
-    model = randomise_b(jlora.nnx.apply_lora(base, config, rngs=nnx.Rngs(1)))
+    model = adapt(base, config)
     merged = jlora.nnx.merge_lora(nnx.clone(model))
     step = nnx.jit(lambda model, x, rngs: model(x, rngs=rngs))
     rngs, merged_rngs = nnx.Rngs(dropout=3), nnx.Rngs(dropout=3)
-    xs = jax.random.normal(jax.random.key(0), (2, 3, D))
+    xs = normal((2, 3, D))
     for t in range(3):
         y = step(model, xs[:, t:t + 1], rngs)
         np.testing.assert_allclose(y, step(merged, xs[:, t:t + 1], merged_rngs), **F32_TOL)
@@ -292,7 +326,13 @@ class MLP(nnx.Module):
         return self.down(nnx.gelu(self.up(x)))
 
 
-X = jax.random.normal(jax.random.key(7), (32, D))
+X = normal((32, D), seed=7)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A base ``MLP``, for the tests to clone."""
+    return build(MLP, nnx.Rngs(0))
 
 
 def train(model, target, steps: int = 8) -> list[float]:
@@ -308,9 +348,9 @@ def train(model, target, steps: int = 8) -> list[float]:
     return [float(step(model, optimizer)) for _ in range(steps)]
 
 
-def test_optimizer_trains_only_the_lora_params_dora_too():
+def test_optimizer_trains_only_the_lora_params_dora_too(mlp):
     config = jlora.LoraConfig(rank=4, alpha=4.0, variant="dora")
-    model = jlora.nnx.apply_lora(build(MLP, nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+    model = jlora.nnx.apply_lora(nnx.clone(mlp), config, rngs=nnx.Rngs(1))
     magnitude = model.up.kernel_lora_magnitude
     assert isinstance(magnitude, nnx.LoRAParam) and magnitude.shape == (4 * D,)
     before = jax.tree.map(lambda v: v, nnx.state(model, BASE_PARAMS))
@@ -324,8 +364,8 @@ def test_optimizer_trains_only_the_lora_params_dora_too():
     assert not np.allclose(model.up.kernel_lora_magnitude.get_value(), magnitude_before)
 
 
-def test_named_sets_switch_save_and_load(tmp_path):
-    model = MLP(nnx.Rngs(0))
+def test_named_sets_switch_save_and_load(mlp, tmp_path):
+    model = nnx.clone(mlp)
     jlora.nnx.apply_lora(model, jlora.LoraConfig(rank=4), rngs=nnx.Rngs(1), name="sin")
     jlora.nnx.apply_lora(model, jlora.LoraConfig(rank=2, targets="up/kernel"),
                          rngs=nnx.Rngs(2), name="cos")
@@ -344,7 +384,7 @@ def test_named_sets_switch_save_and_load(tmp_path):
     # Out as jlora's and PEFT's files, back onto a fresh model.
     jlora.save(tmp_path / "sin", jlora.nnx.get_adapters(model, "sin"))
     jlora.peft.save(tmp_path / "cos", jlora.nnx.get_adapters(model))
-    fresh = MLP(nnx.Rngs(0))
+    fresh = nnx.clone(mlp)
     base = nnx.state(fresh, nnx.Param)
     jlora.nnx.put_adapters(fresh, jlora.peft.load(tmp_path / "cos", base), name="cos")
     jlora.nnx.put_adapters(fresh, jlora.load(tmp_path / "sin", base), name="sin")
@@ -360,7 +400,10 @@ def test_named_sets_switch_save_and_load(tmp_path):
 def test_factors_inherit_the_kernels_sharding():
     mesh = jax.make_mesh((1, 1), ("data", "model"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model"))
+    # jnp.asarray (not jax.device_put): under the mesh the kernel gets its NamedSharding.
+    init = nnx.with_partitioning(
+        lambda key, shape, dtype: jnp.asarray(0.3 * np.random.default_rng(0).standard_normal(
+            shape), dtype), ("data", "model"))
     with jax.set_mesh(mesh):
         model = nnx.Linear(D, 2 * D, kernel_init=init, rngs=nnx.Rngs(0))
         model = jlora.nnx.apply_lora(model, jlora.LoraConfig(rank=2), rngs=nnx.Rngs(1))
@@ -375,8 +418,8 @@ class Custom(nnx.Module):
     """A kernel that no NNX rule describes, and an einsum_str that does not say how the
     kernel is used."""
 
-    def __init__(self, rngs: nnx.Rngs, lying: bool = False):
-        self.w = nnx.Param(jax.random.normal(rngs.params(), (D, 2, 4)))
+    def __init__(self, lying: bool = False):
+        self.w = nnx.Param(normal((D, 2, 4)))
         self.einsum_str = "btd,dnh->btnh" if lying else None
 
     def __call__(self, x):
@@ -387,24 +430,23 @@ def test_layouts_are_never_guessed_silently():
     x = jnp.ones((1, 3, 2))
     with pytest.raises(jlora.LayoutError, match=r"'w' with shape \(8, 2, 4\).*"
                                                 r"jlora\.nnx\.infer_layouts"):
-        jlora.nnx.apply_lora(Custom(nnx.Rngs(0)), jlora.LoraConfig(rank=1, targets="w"),
+        jlora.nnx.apply_lora(Custom(), jlora.LoraConfig(rank=1, targets="w"),
                              rngs=nnx.Rngs(1))
-    layouts = jlora.nnx.infer_layouts(Custom(nnx.Rngs(0)), x)
+    layouts = jlora.nnx.infer_layouts(Custom(), x)
     assert layouts == {"w": "oio"}
     config = jlora.LoraConfig(rank=1, targets="w", layouts=layouts)
-    model = randomise_b(jlora.nnx.apply_lora(Custom(nnx.Rngs(0)), config, rngs=nnx.Rngs(1)))
+    model = adapt(Custom(), config)
     np.testing.assert_allclose(model(x), jlora.nnx.merge_lora(nnx.clone(model))(x), **F32_TOL)
     # A guess from an einsum_str that the call contradicts fails on the first call.
-    lying = jlora.nnx.apply_lora(Custom(nnx.Rngs(0), lying=True),
-                                 jlora.LoraConfig(rank=1, targets="w"), rngs=nnx.Rngs(1))
+    lying = adapt(Custom(lying=True), jlora.LoraConfig(rank=1, targets="w"))
     with pytest.raises(jlora.LayoutError, match=r"'w' .* has the layout 'ioo' .* uses it as 'oio'"):
         lying(x)
 
 
-def test_errors_name_the_problem():
-    model = jlora.nnx.apply_lora(MLP(nnx.Rngs(0)), jlora.LoraConfig(rank=2), rngs=nnx.Rngs(1))
+def test_errors_name_the_problem(mlp):
+    model = jlora.nnx.apply_lora(nnx.clone(mlp), jlora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="already has an adapter set named 'default'"):
-        jlora.nnx.apply_lora(model, jlora.LoraConfig(rank=2), rngs=nnx.Rngs(1))
+        jlora.nnx.apply_lora(model, jlora.LoraConfig(rank=4), rngs=nnx.Rngs(1))
     ads = jlora.nnx.get_adapters(model)
     bad = {"up/kernel": ads["down/kernel"]}
     with pytest.raises(ValueError, match=r"'up/kernel' fits a kernel of shape \(32, 8\)"):
@@ -415,11 +457,11 @@ def test_errors_name_the_problem():
     with pytest.raises(KeyError, match="no adapter set named 'fr'"):
         jlora.nnx.switch_adapter(model, "fr")
     with pytest.raises(ValueError, match="has no adapters"):
-        jlora.nnx.get_adapters(MLP(nnx.Rngs(0)))
+        jlora.nnx.get_adapters(nnx.clone(mlp))
     with pytest.raises(ValueError, match="without '/'"):
         jlora.nnx.put_adapters(model, ads, name="a/b")
     with pytest.raises(TypeError, match="jlora.LoraConfig"):
-        jlora.nnx.apply_lora(MLP(nnx.Rngs(0)), {"rank": 2}, rngs=nnx.Rngs(0))
+        jlora.nnx.apply_lora(nnx.clone(mlp), {"rank": 2}, rngs=nnx.Rngs(0))
     listed = nnx.List([nnx.Param(jnp.ones((4, 4)))])
     with pytest.raises(ValueError, match="'0' is an element of a container"):
         jlora.nnx.apply_lora(listed, jlora.LoraConfig(rank=1, targets="0"), rngs=nnx.Rngs(0))

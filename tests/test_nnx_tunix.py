@@ -2,10 +2,12 @@
 
 Tunix's trainer finds LoRA through `nnx.LoRAParam` (`nnx.Optimizer(model, tx,
 wrt=nnx.LoRAParam)`, `nnx.value_and_grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))`
-under `nnx.jit`), so a model adapted by `jlora.nnx.apply_lora` trains with it as it is:
-the loss goes down, only the factors move, and the trained adapters export to PEFT under
-Hugging Face's module names. A plain `nnx.Optimizer` loop on the same model checks the
-logits and gradients against the merged model's.
+under `nnx.jit`), so a model adapted by `jlora.nnx` (`apply_lora`, or `put_adapters` of
+`init_adapters`' adapters, which is what it does) trains with it as it is: the loss goes
+down, only the factors move, and the trained adapters export to PEFT under Hugging Face's
+module names. A plain `nnx.Optimizer` loop on the same model checks the logits and
+gradients against the merged model's. The adapters' values come from numpy (the
+initialisers would compile once per factor shape), B zero for training from the start.
 
 Needs the `models` extra (`pip install -e '.[models]'`); skipped without Tunix.
 """
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import json
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax
 import optax
 import pytest
 from flax import nnx
+from test_nnx import adapt, assert_same_grads, grads_by_kernel, jit_tiny
 
 import jlora
 
@@ -34,7 +37,8 @@ pytestmark = [
 
 TARGETS = r"layers/\d+/(attn/(q|k|v|o)_proj/w|mlp/(gate|up|down)_proj/kernel)"
 B, L, VOCAB = 4, 12, 64
-TOKENS = jnp.asarray((np.arange(B)[:, None] * 3 + np.arange(L)[None] * 5) % VOCAB, jnp.int32)
+TOKENS = jax.device_put(((np.arange(B)[:, None] * 3 + np.arange(L)[None] * 5) % VOCAB).astype(
+    np.int32))
 F32_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -60,14 +64,16 @@ def llama():
     initialises its MLP kernels to zero, which would hide an adapter's effect there)."""
     llama3 = pytest.importorskip("tunix.models.llama3.model")
     sft_utils = pytest.importorskip("tunix.sft.utils")
-    config = llama3.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=16, hidden_dim=32,
+    config = llama3.ModelConfig(num_layers=1, vocab_size=VOCAB, embed_dim=16, hidden_dim=32,
                                 num_heads=2, head_dim=8, num_kv_heads=1, rope_theta=10000,
                                 norm_eps=1e-5)
+    # Built on shapes only (its initialisers would compile): it holds Params alone.
     with jax.numpy_rank_promotion("allow"):
-        model = nnx.jit(lambda rngs: llama3.Llama3(config, rngs=rngs))(nnx.Rngs(params=0))
+        model = nnx.eval_shape(lambda: llama3.Llama3(config, rngs=nnx.Rngs(params=0)))
+    assert not nnx.state(model, nnx.Not(nnx.Param))
     rng = np.random.default_rng(0)
     nnx.update(model, jax.tree.map(
-        lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype),
+        lambda x: jax.device_put(np.asarray(0.2 * rng.standard_normal(x.shape), x.dtype)),
         nnx.state(model, nnx.Param)))
     mask = jnp.ones((B, L), bool)
     inputs = dict(input_tokens=TOKENS, input_mask=mask,
@@ -76,10 +82,8 @@ def llama():
     return model, inputs
 
 
-def adapted(base, rank: int = 4):
-    config = jlora.LoraConfig(rank=rank, alpha=float(rank), scaling="rslora", targets=TARGETS)
-    with jax.numpy_rank_promotion("allow"):
-        return jlora.nnx.apply_lora(nnx.clone(base), config, rngs=nnx.Rngs(1))
+def config_of(rank: int) -> jlora.LoraConfig:
+    return jlora.LoraConfig(rank=rank, alpha=float(rank), scaling="rslora", targets=TARGETS)
 
 
 def logits_of(model, inputs):
@@ -89,16 +93,19 @@ def logits_of(model, inputs):
 
 
 def next_token_loss(model, inputs):
-    logits = logits_of(model, inputs)[:, :-1]
+    """``(loss, logits)``."""
+    logits = logits_of(model, inputs)
     targets = inputs["input_tokens"][:, 1:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets).mean(), logits
 
 
 def test_peft_trainer_trains_the_adapted_model_and_it_exports_to_peft(llama, tmp_path):
     peft_trainer = pytest.importorskip("tunix.sft.peft_trainer")
     sft_utils = pytest.importorskip("tunix.sft.utils")
     base, inputs = llama
-    model = adapted(base)
+    model = nnx.clone(base)
+    with jax.numpy_rank_promotion("allow"):
+        adapt(model, config_of(4), scale=0.3, zero_b=True)  # as apply_lora leaves it
     assert sft_utils.is_lora_enabled(model)
     layouts = {p: ad.layout.axes for p, ad in jlora.nnx.get_adapters(model).items()
                if p.startswith("layers/0/")}
@@ -125,7 +132,7 @@ def test_peft_trainer_trains_the_adapted_model_and_it_exports_to_peft(llama, tmp
     trained = jlora.nnx.get_adapters(model)
     out = jlora.peft.save(tmp_path / "peft", trained, names=hf_name)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert "model.layers.1.self_attn.q_proj" in config["target_modules"]
+    assert "model.layers.0.self_attn.q_proj" in config["target_modules"]
     assert config["r"] == 4 and config["use_rslora"] is True
     loaded = jlora.peft.load(out, nnx.state(base, nnx.Param), names=hf_name,
                              layouts={p: ad.layout for p, ad in trained.items()})
@@ -135,45 +142,40 @@ def test_peft_trainer_trains_the_adapted_model_and_it_exports_to_peft(llama, tmp
 
 
 def test_an_nnx_optimizer_loop_and_the_merged_model(llama):
+    """The first step's loss, logits and gradients are the merged model's; the loss then
+    goes down."""
     base, inputs = llama
-    model = adapted(base, rank=2)
-    rng = np.random.default_rng(1)
+    model = nnx.clone(base)
+    with jax.numpy_rank_promotion("allow"):
+        adapt(model, config_of(2), seed=1, scale=0.3)
     ads = jlora.nnx.get_adapters(model)
-    jlora.nnx.put_adapters(model, {p: ad.replace(b=jnp.asarray(
-        0.3 * rng.standard_normal(ad.b.shape), jnp.float32)) for p, ad in ads.items()})
     merged = jlora.nnx.merge_lora(nnx.clone(model))
-    grad = nnx.jit(nnx.value_and_grad(next_token_loss,
-                                      argnums=nnx.DiffState(0, nnx.LoRAParam)))
     graphdef, params, rest = nnx.split(base, nnx.Param, ...)
 
     def merged_loss(ads):
         return next_token_loss(nnx.merge(graphdef, jlora.merge(params, ads), rest), inputs)
 
+    optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, optimizer):
+        (loss, logits), grads = nnx.value_and_grad(
+            next_token_loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)(
+            model, inputs)
+        optimizer.update(model, grads)
+        return loss, logits, grads
+
     with jax.numpy_rank_promotion("allow"):
-        np.testing.assert_allclose(nnx.jit(logits_of)(model, inputs),
-                                   nnx.jit(logits_of)(merged, inputs), **F32_TOL)
-        loss, grads = grad(model, inputs)
-        want_loss, want = jax.jit(jax.value_and_grad(merged_loss))(jlora.nnx.get_adapters(model))
+        reference = jit_tiny(jax.value_and_grad(merged_loss, has_aux=True))
+        (want_loss, want_logits), want = reference(ads)
+        np.testing.assert_allclose(nnx.jit(logits_of)(merged, inputs), want_logits, **F32_TOL)
+        loss, logits, grads = step(model, optimizer)
+        np.testing.assert_allclose(logits, want_logits, **F32_TOL)
         np.testing.assert_allclose(loss, want_loss, **F32_TOL)
         # Each LoRAParam's gradient, by the kernel and factor its metadata names.
-        flat = {"/".join(map(str, (*p[:-1], v.get_metadata("lora_kernel"), v.get_metadata(
-            "lora_factor")))): v.get_value() for p, v in nnx.to_flat_state(grads)}
-        assert len(flat) == 2 * len(want) == 28
-        for path in want:
-            for factor in ("a", "b"):
-                w = getattr(want[path], factor)
-                np.testing.assert_allclose(flat[f"{path}/{factor}"], w, rtol=2e-5,
-                                           atol=2e-5 * max(1.0, float(jnp.abs(w).max())))
-
-        optimizer = nnx.Optimizer(model, optax.adam(3e-2), wrt=nnx.LoRAParam)
-
-        @nnx.jit
-        def step(model, optimizer):
-            loss, grads = nnx.value_and_grad(next_token_loss,
-                                             argnums=nnx.DiffState(0, nnx.LoRAParam))(
-                model, inputs)
-            optimizer.update(model, grads)
-            return loss
-
-        losses = [float(step(model, optimizer)) for _ in range(8)]
+        assert len(nnx.to_flat_state(grads)) == 2 * len(want) == 14
+        assert_same_grads(grads_by_kernel(grads),
+                          {p: {"a": np.asarray(g.a), "b": np.asarray(g.b)}
+                           for p, g in want.items()})
+        losses = [float(loss)] + [float(step(model, optimizer)[0]) for _ in range(7)]
     assert np.all(np.diff(losses) < 0), losses

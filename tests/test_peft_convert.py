@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from test_peft import merge, random_adapters
 
 import jlora
 from jlora import peft
@@ -32,7 +33,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def _tree(case: str, tree: str = "flax"):
     """``(base, merged)`` flat ``{path: array}`` of a fixture's JAX tree."""
     stored = safetensors.numpy.load_file(FIXTURES / case / f"{tree}.safetensors")
-    base = {k[5:]: jnp.asarray(v) for k, v in stored.items() if k.startswith("base/")}
+    base = {k[5:]: jax.device_put(v) for k, v in stored.items() if k.startswith("base/")}
     merged = {k[7:]: v for k, v in stored.items() if k.startswith("merged/")}
     return base, merged
 
@@ -46,7 +47,7 @@ def _config(path):
 
 
 def _assert_merges_like_peft(params, adapters, merged):
-    ours = jlora.merge(params, adapters)
+    ours = merge(params, adapters)
     for path in adapters:
         np.testing.assert_allclose(ours[path], merged[path], **TOL, err_msg=path)
     untouched = [p for p in params if p not in adapters]
@@ -116,16 +117,16 @@ def _gemma1_mlp(params, x):
 def test_template_layouts_are_checked_against_the_model(transpose):
     # A square gating_einsum (D == F) fits both of the template's orientations, so no
     # shape check can tell them apart: the model's own einsum must.
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    params = {"params/layer_0/mlp/gating_einsum": jax.random.normal(k1, (2, 6, 6)),
-              "params/layer_0/mlp/linear": jax.random.normal(k2, (6, 6))}
-    x = jax.random.normal(k3, (5, 6))
+    rng = np.random.default_rng(0)
+    params, x = jax.device_put((
+        {"params/layer_0/mlp/gating_einsum": rng.standard_normal((2, 6, 6)).astype(np.float32),
+         "params/layer_0/mlp/linear": rng.standard_normal((6, 6)).astype(np.float32)},
+        rng.standard_normal((5, 6)).astype(np.float32)))
     t = peft.templates.gemma(transpose_gating_einsum=transpose)
     layouts = t.layouts(params)
     assert all(layout.guessed for layout in layouts.values())
     config = jlora.LoraConfig(rank=2, alpha=2.0, targets=".*", layouts=layouts)
-    adapters = {p: ad.replace(b=jax.random.normal(jax.random.key(2), ad.b.shape))
-                for p, ad in jlora.init(jax.random.key(1), params, config).items()}
+    adapters = random_adapters(params, config)
     if transpose:  # Gemma 3's order, (2, F, D): the wrong one for this model
         with pytest.raises(jlora.LayoutError,
                            match=r"(?s)layer_0/mlp/gating_einsum.*'soi'.*'sio'"):
@@ -254,9 +255,9 @@ def _gpt2_parts():
         for key, value in flat.items():
             if key.endswith("c_attn/kernel"):
                 for part, w in zip("qkv", np.split(value, 3), strict=True):
-                    tree[key.replace("c_attn", part)] = jnp.asarray(w)
+                    tree[key.replace("c_attn", part)] = jax.device_put(w)
             elif "c_attn" not in key and key.endswith("kernel"):
-                tree[key] = jnp.asarray(value)
+                tree[key] = jax.device_put(value)
         out[prefix] = tree
     names = {p: peft.Part(f"transformer.h.{p.split('/')[3]}.attn.c_attn", "qkv".index(
         p.split("/")[-2])) for p in out["base"] if "/attn/" in p and p.endswith(
@@ -282,10 +283,7 @@ def _separate_adapters(base, names, scale_v: bool):
                               alpha_pattern={r".*/k/kernel": 2.0,
                                              **({r".*/v/kernel": 2.0} if scale_v else {})},
                               layouts={p: "oi" for p in parts})
-    ads = jlora.init(jax.random.key(0), base, config)
-    keys = iter(jax.random.split(jax.random.key(1), 2 * len(ads)))
-    return {p: a.replace(a=jax.random.normal(next(keys), a.a.shape),
-                         b=jax.random.normal(next(keys), a.b.shape)) for p, a in ads.items()}
+    return random_adapters(base, config)
 
 
 def test_separate_kernels_save_as_one_block_module_and_come_back(tmp_path):
@@ -319,8 +317,7 @@ def test_parts_with_other_scales_fold_them_into_b(tmp_path):
 
 def test_a_fused_kernel_saves_as_separate_modules_sharing_a(tmp_path):
     params = {"attn/qkv/kernel": jnp.zeros((6, 9))}
-    ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(rank=2, targets=".*"))
-    ad = {p: a.replace(b=jax.random.normal(jax.random.key(2), a.b.shape)) for p, a in ad.items()}
+    ad = random_adapters(params, jlora.LoraConfig(rank=2, targets=".*"))
     names = {"attn/qkv/kernel": peft.Split(["q", "k", "v"], axis=1, sizes=(3, 4, 2))}
     out = peft.save(tmp_path / "split", ad, names=names)
     tensors = _file(out)
@@ -335,8 +332,8 @@ def test_a_fused_kernel_saves_as_separate_modules_sharing_a(tmp_path):
 
 def test_a_part_without_a_module_in_the_file_stays_as_it_is(tmp_path):
     params = {"kv/w": jnp.zeros((2, 3, 4))}
-    full = jlora.init(jax.random.key(0), params,
-                      jlora.LoraConfig(rank=2, targets=".*", layouts={".*": "sio"}))["kv/w"]
+    full = random_adapters(params, jlora.LoraConfig(rank=2, targets=".*",
+                                                   layouts={".*": "sio"}))["kv/w"]
     full = full.replace(b=jnp.ones_like(full.b))
     only_k = {"k/w": full.replace(a=full.a[0], b=full.b[0], layout=jlora.layouts.Layout("io"))}
     out = peft.save(tmp_path / "k_only", only_k, names={"k/w": "m.k"})
@@ -358,8 +355,7 @@ def test_a_part_without_a_module_in_the_file_stays_as_it_is(tmp_path):
 def test_bad_splits_are_refused(tmp_path, names, layouts, match):
     shape = (4, 3, 5) if layouts["w"] == "sio" else (3, 5)
     params = {"w": jnp.ones(shape)}
-    ads = jlora.init(jax.random.key(0), params,
-                     jlora.LoraConfig(rank=1, targets="w", layouts=layouts))
+    ads = random_adapters(params, jlora.LoraConfig(rank=1, targets="w", layouts=layouts))
     with pytest.raises(ValueError, match=match):
         peft.save(tmp_path / "x", ads, names=names)
 
@@ -392,7 +388,7 @@ def test_conversion_matches_peft_and_loads_on_the_original_base(case, tmp_path):
     adapters = peft.load(out, base)
     _assert_merges_like_peft(base, adapters, merged)
     stored = safetensors.numpy.load_file(root / "torch.safetensors")
-    p = jlora.merge(base, adapters)
+    p = merge(base, adapters)
     y = jnp.tanh(stored["x/x"] @ p["params/fc1/kernel"] + p["params/fc1/bias"][None])
     y = y @ p["params/fc2/kernel"] + p["params/fc2/bias"][None]
     np.testing.assert_allclose(y, stored["y/y"], **TOL)
@@ -447,8 +443,9 @@ def test_conversion_keeps_every_scale_where_peft_refuses(tmp_path):
 
 
 def test_to_original_base_equals_the_trained_model_on_its_new_base():
-    params = {"d": {"kernel": jax.random.normal(jax.random.key(1), (6, 4))},
-              "s": {"kernel": jax.random.normal(jax.random.key(2), (3, 5, 4))}}
+    rng = np.random.default_rng(1)
+    params = jax.device_put({"d": {"kernel": rng.standard_normal((6, 4)).astype(np.float32)},
+                             "s": {"kernel": rng.standard_normal((3, 5, 4)).astype(np.float32)}})
     config = jlora.LoraConfig(rank=2, alpha=1.5, scaling="rslora", init="pissa",
                               layouts={"s/kernel": "sio"})
     new_base, initial = jlora.variants.pissa_init(jax.random.key(0), params, config)
@@ -456,7 +453,7 @@ def test_to_original_base_equals_the_trained_model_on_its_new_base():
     plain = peft.to_original_base(trained, initial)
     assert {p: a.rank for p, a in plain.items()} == {"d/kernel": 4, "s/kernel": 4}
     assert all(plain[p].scale == trained[p].scale for p in plain)
-    ours, theirs = jlora.merge(params, plain), jlora.merge(new_base, trained)
+    ours, theirs = merge(params, plain), merge(new_base, trained)
     for name in ("d", "s"):
         np.testing.assert_allclose(ours[name]["kernel"], theirs[name]["kernel"], **TOL)
     with pytest.raises(ValueError, match=r"only in `adapters`: \['d/kernel'\]"):

@@ -312,8 +312,8 @@ def _adapters(targets, variant="lora", seed=0):
         a_shape, b_shape = p.layout.factor_shapes(p.shape, p.rank)
         stacked, _, fan_out = p.layout.split_shape(p.shape)
         out[path] = jlora.Adapter(
-            a=jnp.asarray(rng.standard_normal(a_shape), jnp.float32),
-            b=jnp.asarray(rng.standard_normal(b_shape), jnp.float32),
+            a=jax.device_put(rng.standard_normal(a_shape).astype(np.float32)),
+            b=jax.device_put(rng.standard_normal(b_shape).astype(np.float32)),
             magnitude=jnp.ones((*stacked, *fan_out)) if variant == "dora" else None,
             layout=p.layout, rank=p.rank, alpha=p.alpha, scale=p.scale, policy="standard",
             variant=variant)
@@ -331,7 +331,8 @@ def _native():
         trainable_tokens={"emb/embedding": [0, 9]})
     rng = np.random.default_rng(1)
     trainable["params"] = jax.tree.map(
-        lambda x: x + jnp.asarray(rng.standard_normal(x.shape), x.dtype), trainable["params"])
+        lambda x: jax.device_put((np.asarray(x) + rng.standard_normal(x.shape)).astype(x.dtype)),
+        trainable["params"])
     mlp_bias = trainable["params"]["layers"]["mlp"]["bias"]
     trainable["params"]["layers"]["mlp"]["bias"] = mlp_bias.replace(
         delta=mlp_bias.delta.at[1].set(0.0))

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+from test_peft import merge, random_adapters
 
 import jlora
 from jlora import peft
@@ -30,7 +31,7 @@ NESTED = FIXTURES / "moe_nested"
 
 def _tree(root):
     stored = safetensors.numpy.load_file(root / "flax.safetensors")
-    base = {k[5:]: jnp.asarray(v) for k, v in stored.items() if k.startswith("base/")}
+    base = {k[5:]: jax.device_put(v) for k, v in stored.items() if k.startswith("base/")}
     merged = {k[7:]: v for k, v in stored.items() if k.startswith("merged/")}
     return base, merged
 
@@ -68,7 +69,7 @@ def test_expert_parameters_load_with_peft_merged_weights(granite):
     assert (up.a.shape, up.b.shape, up.rank, up.scale) == ((3, 8, 2), (3, 2, 12), 2, 2.0)
     assert (down.rank, down.scale) == (1, 4.0)  # rank_pattern["output_linear.weight"]
     assert adapters["params/model/layers/0/self_attn/q_proj/kernel"].scale == 1.5
-    ours = jlora.merge(base, adapters)
+    ours = merge(base, adapters)
     for path in base:
         np.testing.assert_allclose(ours[path], merged[path], **TOL, err_msg=path)
 
@@ -142,8 +143,8 @@ def test_any_kernel_order_gives_the_same_update(granite, order, tmp_path):
 def test_an_expert_without_an_update_is_written_as_zeros(tmp_path):
     params = {"wi": jnp.ones((3, 4, 5))}
     names = {"wi": peft.TargetParameter("experts.wi", expert_axis=0)}
-    ad = jlora.init(jax.random.key(0), params, jlora.LoraConfig(
-        rank=2, targets="wi", layouts={"wi": "sio"}))["wi"]
+    ad = random_adapters(params, jlora.LoraConfig(rank=2, targets="wi",
+                                                  layouts={"wi": "sio"}))["wi"]
     ad = ad.replace(a=ad.a.at[1].set(0.0), b=jnp.ones_like(ad.b).at[1].set(0.0))
     tensors = _file(peft.save(tmp_path / "a", {"wi": ad}, names=names))
     a = tensors["base_model.model.experts.lora_A.weight"]
@@ -166,7 +167,7 @@ def test_nested_parameter_wrappers_follow_registration_order(tmp_path):
     base, merged = _tree(NESTED)
     layouts = {"params/experts/.*": "sio"}
     adapters = peft.load(NESTED / "adapter", base, names=_nested(), layouts=layouts)
-    ours = jlora.merge(base, adapters)
+    ours = merge(base, adapters)
     for path in base:
         np.testing.assert_allclose(ours[path], merged[path], **TOL, err_msg=path)
     theirs = _file(NESTED / "adapter")
@@ -197,8 +198,8 @@ def test_target_parameters_need_their_kernels_named():
 def test_what_peft_cannot_hold_is_refused(tmp_path):
     params = {"wi": jnp.ones((3, 4, 5))}
     names = {"wi": peft.TargetParameter("experts.wi", expert_axis=0)}
-    made = jlora.init(jax.random.key(0), params, jlora.LoraConfig(
-        rank=1, targets="wi", layouts={"wi": "sio"}, dropout=0.1))
+    made = random_adapters(params, jlora.LoraConfig(rank=1, targets="wi",
+                                                    layouts={"wi": "sio"}, dropout=0.1))
     with pytest.raises(ValueError, match=r"without DoRA and dropout only"):
         peft.save(tmp_path / "a", made, names=names)
     made = {p: a.replace(dropout=0.0) for p, a in made.items()}

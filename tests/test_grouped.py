@@ -16,6 +16,7 @@ import collections
 import re
 import zlib
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -279,7 +280,11 @@ def test_experts_as_einsum_or_scan_match_merge(moe):
 def _tunix_layer(build):
     """A Tunix layer as ``apply(state, x)`` with its state randomised."""
     nnx = pytest.importorskip("flax.nnx")
-    layer = build(nnx.Rngs(params=0))
+    # Tunix's layers carry mesh axis names and are built here without a mesh, which
+    # needs flax's always_shard_variable off: importing tunix turns it off only on the
+    # first import in a process, and another test module may have turned it back on.
+    with flax.config.temp_flip_flag("always_shard_variable", False):
+        layer = build(nnx.Rngs(params=0))
     graphdef, state = nnx.split(layer)
     leaves, treedef = jax.tree.flatten(state)
     state = jax.tree.unflatten(treedef, [_normal(i, *v.shape, scale=0.3)
